@@ -1,0 +1,165 @@
+//! `TargetingModelActor`: owns the model in use. It follows the `models`
+//! topic, validates each new version and swaps it in atomically (an
+//! `ArcSwap`: selections take a snapshot and never wait on a swap), and
+//! answers batch selections: which subscribers, and which creative each.
+
+use crate::actors::{SharedCtx, POLL_WAIT};
+use crate::domain::model::{batch_seed, Model};
+use crate::io::PartitionReader;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct TargetingModelActor;
+
+/// Finds the node's targeting actor by its registered name, so callers
+/// reach the restarted actor after a failure, never a dead one.
+#[derive(Debug, Clone)]
+pub struct TargetingRef {
+    pub name: String,
+}
+
+impl TargetingRef {
+    pub fn for_node(node_id: &str) -> Self {
+        TargetingRef {
+            name: format!("targeting/{node_id}"),
+        }
+    }
+    pub fn get(&self) -> Option<ActorRef<TargetingMsg>> {
+        ractor::registry::where_is(self.name.clone()).map(ActorRef::from)
+    }
+}
+
+/// A batch request from a campaign owner.
+pub struct SelectRequest {
+    pub campaign_id: String,
+    pub channel_id: String,
+    pub creatives: Vec<String>,
+    pub exclude: Arc<HashSet<String>>,
+    pub size: u64,
+    pub batch: u64,
+}
+
+/// The chosen (user, creative) pairs and the model version that chose them.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub pairs: Vec<(String, String)>,
+    pub model_version: u64,
+}
+
+pub enum TargetingMsg {
+    Select(SelectRequest, RpcReplyPort<Selection>),
+    PollModels,
+}
+
+pub struct TargetingState {
+    ctx: SharedCtx,
+    readers: Vec<Box<dyn PartitionReader>>,
+}
+
+/// Offer a model: swapped in when valid and newer, refused otherwise.
+pub fn offer_model(ctx: &SharedCtx, bytes: &[u8]) -> bool {
+    match Model::from_bytes(bytes) {
+        Ok(m) => {
+            let current = ctx.model.load();
+            if m.version > current.version {
+                tracing::info!(version = m.version, examples = m.examples, "model swapped in");
+                metrics::gauge!("smartmsg_model_version").set(m.version as f64);
+                metrics::counter!("smartmsg_model_swaps_total", "result" => "swapped").increment(1);
+                ctx.model.store(Arc::new(m));
+                true
+            } else {
+                false
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "model refused");
+            metrics::counter!("smartmsg_model_swaps_total", "result" => "refused").increment(1);
+            false
+        }
+    }
+}
+
+impl Actor for TargetingModelActor {
+    type Msg = TargetingMsg;
+    type State = TargetingState;
+    type Arguments = SharedCtx;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        ctx: SharedCtx,
+    ) -> Result<TargetingState, ActorProcessingErr> {
+        // Rebuild from the models topic: read it all, keep the newest valid.
+        let mut readers = Vec::new();
+        for p in 0..ctx.topics.partitions {
+            let mut r = ctx.log.reader(&ctx.topics.models, p, 0);
+            loop {
+                let recs = r.next_batch(1000, Duration::ZERO).await?;
+                if recs.is_empty() {
+                    break;
+                }
+                for rec in recs {
+                    if rec.key.as_deref() == Some(b"current") {
+                        if let Some(v) = rec.value.as_deref() {
+                            offer_model(&ctx, v);
+                        }
+                    }
+                }
+            }
+            readers.push(r);
+        }
+        metrics::gauge!("smartmsg_model_version").set(ctx.model.load().version as f64);
+        myself.send_message(TargetingMsg::PollModels)?;
+        Ok(TargetingState { ctx, readers })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: TargetingMsg,
+        state: &mut TargetingState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TargetingMsg::Select(req, reply) => {
+                let model = state.ctx.model.load_full();
+                let subscribers = state.ctx.subscribers.clone();
+                let sel = tokio::task::spawn_blocking(move || -> Result<Selection, crate::io::IoError> {
+                    let users = subscribers.users(&req.channel_id)?;
+                    let seed = batch_seed(&req.campaign_id, req.batch, model.version);
+                    let pairs = model.select_batch(
+                        &req.campaign_id,
+                        &req.creatives,
+                        &users,
+                        &req.exclude,
+                        req.size as usize,
+                        seed,
+                    );
+                    Ok(Selection {
+                        pairs,
+                        model_version: model.version,
+                    })
+                })
+                .await??;
+                let _ = reply.send(sel);
+            }
+            TargetingMsg::PollModels => {
+                let mut any = false;
+                for r in state.readers.iter_mut() {
+                    for rec in r.next_batch(100, Duration::ZERO).await? {
+                        any = true;
+                        if rec.key.as_deref() == Some(b"current") {
+                            if let Some(v) = rec.value.as_deref() {
+                                offer_model(&state.ctx, v);
+                            }
+                        }
+                    }
+                }
+                let delay = if any { Duration::ZERO } else { POLL_WAIT };
+                myself.send_after(delay, || TargetingMsg::PollModels);
+            }
+        }
+        Ok(())
+    }
+}

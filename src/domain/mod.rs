@@ -1,0 +1,8 @@
+//! Pure logic: campaign state machine, windows, model math, partitioning.
+//! No IO and no actors here; unit tests live beside the code.
+
+pub mod campaign;
+pub mod model;
+pub mod partition;
+pub mod reaction;
+pub mod window;

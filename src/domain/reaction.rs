@@ -1,0 +1,110 @@
+//! Reaction records of `reaction-logs`: parsing and validation by the rules
+//! of CONTRACT.md. Anything invalid yields a reason for the dead-letter topic.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Send,
+    Impression,
+    Click,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Send => "send",
+            Action::Impression => "impression",
+            Action::Click => "click",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Action> {
+        match s {
+            "send" => Some(Action::Send),
+            "impression" => Some(Action::Impression),
+            "click" => Some(Action::Click),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaction {
+    pub event_id: String,
+    pub campaign_id: String,
+    pub creative_id: String,
+    pub user_id: String,
+    pub action: Action,
+    pub ts: i64,
+}
+
+/// Parse a reaction value; `Err` carries the DLQ reason.
+pub fn parse_reaction(value: Option<&[u8]>) -> Result<Reaction, String> {
+    let bytes = match value {
+        None => return Err("invalid: null value".into()),
+        Some([]) => return Err("invalid: empty value".into()),
+        Some(b) => b,
+    };
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("malformed: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| "invalid: value is not a JSON object".to_string())?;
+    let s = |f: &str| -> Result<String, String> {
+        match obj.get(f) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(Value::String(_)) => Err(format!("invalid: {f} is empty")),
+            None | Some(Value::Null) => Err(format!("invalid: {f} is missing")),
+            Some(_) => Err(format!("invalid: {f} is not a string")),
+        }
+    };
+    let event_id = s("event_id")?;
+    let campaign_id = s("campaign_id")?;
+    let creative_id = s("creative_id")?;
+    let user_id = s("user_id")?;
+    let action_s = s("action")?;
+    let action =
+        Action::parse(&action_s).ok_or_else(|| format!("invalid: action {action_s:?} is unknown"))?;
+    let ts = match obj.get("ts") {
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .filter(|t| *t >= 0)
+            .ok_or_else(|| "invalid: ts is not an integer >= 0".to_string())?,
+        None | Some(Value::Null) => return Err("invalid: ts is missing".into()),
+        Some(_) => return Err("invalid: ts is not an integer >= 0".into()),
+    };
+    Ok(Reaction {
+        event_id,
+        campaign_id,
+        creative_id,
+        user_id,
+        action,
+        ts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_and_invalid() {
+        let ok = br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"click","ts":5,"x":1}"#;
+        assert_eq!(parse_reaction(Some(ok)).unwrap().action, Action::Click);
+        let bad: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"{", "malformed"),
+            (b"[1]", "not a JSON object"),
+            (br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"buy","ts":5}"#, "action"),
+            (br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":-1}"#, "ts"),
+            (br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1.5}"#, "ts"),
+            (br#"{"event_id":"","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1}"#, "event_id"),
+        ];
+        for (b, want) in bad {
+            let e = parse_reaction(Some(b)).unwrap_err();
+            assert!(e.contains(want), "{e} should mention {want}");
+        }
+        assert!(parse_reaction(None).unwrap_err().contains("null"));
+    }
+}

@@ -1,0 +1,206 @@
+//! Every adapter to the outside world, and the traits actors use to reach it.
+//! Actors see only [`EventLog`], [`PartitionReader`], [`TxnWriter`],
+//! [`DelayQueue`] and the typed sled stores of [`store`]; the embedded
+//! backends here implement the traits on sled, the Kafka and RabbitMQ
+//! adapters implement the same traits for cluster mode.
+
+pub mod embedded_delay;
+pub mod embedded_log;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod topics;
+
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An IO failure, classified by whether retrying makes sense.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IoError {
+    /// Transient (timeouts, broker unavailable): retry with backoff.
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// This writer was fenced by a newer instance: stop, rebuild from the log.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// Not recoverable by retrying (corrupt data, misconfiguration).
+    #[error("fatal: {0}")]
+    Fatal(String),
+}
+
+impl IoError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, IoError::Retryable(_))
+    }
+}
+
+impl From<sled::Error> for IoError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) => IoError::Retryable(format!("sled io: {io}")),
+            other => IoError::Fatal(format!("sled: {other}")),
+        }
+    }
+}
+
+impl From<sled::transaction::TransactionError<IoError>> for IoError {
+    fn from(e: sled::transaction::TransactionError<IoError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(e) => e,
+            sled::transaction::TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+/// A payload for a dead-letter record: the original bytes as text when they
+/// are UTF-8, else base64.
+pub fn payload_text(payload: Option<&[u8]>) -> serde_json::Value {
+    use base64::Engine;
+    match payload {
+        None => serde_json::Value::Null,
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => serde_json::Value::String(s.to_string()),
+            Err(_) => serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        },
+    }
+}
+
+/// A record read from a topic partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub timestamp: i64,
+}
+
+/// A record to write. Without an explicit partition the key decides it
+/// (Kafka's murmur2 partitioner).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutRecord {
+    pub topic: String,
+    pub partition: Option<u32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl OutRecord {
+    pub fn keyed(topic: &str, key: impl Into<Vec<u8>>, value: Option<Vec<u8>>) -> Self {
+        OutRecord {
+            topic: topic.to_string(),
+            partition: None,
+            key: Some(key.into()),
+            value,
+        }
+    }
+    pub fn to_partition(mut self, p: u32) -> Self {
+        self.partition = Some(p);
+        self
+    }
+}
+
+/// "Consumer `group` has processed `topic`/`partition` up to `next_offset`."
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetCommit {
+    pub group: String,
+    pub topic: String,
+    pub partition: u32,
+    pub next_offset: u64,
+}
+
+/// Records and consumed offsets that become visible together or not at all.
+#[derive(Debug, Clone, Default)]
+pub struct Txn {
+    pub records: Vec<OutRecord>,
+    pub offsets: Vec<OffsetCommit>,
+}
+
+/// Where a written record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: u32,
+    pub compacted: bool,
+}
+
+/// A transactional writer. A newer writer with the same transactional id
+/// fences the older one: its commits fail with [`IoError::Fenced`].
+#[async_trait::async_trait]
+pub trait TxnWriter: Send + Sync {
+    async fn commit(&self, txn: Txn) -> Result<Vec<Written>, IoError>;
+}
+
+/// Sequential reader of one topic partition.
+#[async_trait::async_trait]
+pub trait PartitionReader: Send + Sync {
+    /// Up to `max` records from the current position. When there is none,
+    /// waits up to `wait` for one; an empty result means caught up.
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError>;
+    /// Offset of the next record to read.
+    fn position(&self) -> u64;
+    fn seek(&mut self, offset: u64);
+}
+
+/// A partitioned, offset-addressed log of keyed records (Kafka-like).
+#[async_trait::async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Create the topic if missing (idempotent).
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), IoError>;
+    /// Partition count of a topic, if it exists.
+    fn partitions(&self, topic: &str) -> Option<u32>;
+    /// Append records (not transactional, but durable once this returns).
+    async fn publish(&self, records: Vec<OutRecord>) -> Result<Vec<Written>, IoError>;
+    /// A transactional writer for `transactional_id` (fences older ones).
+    async fn txn_writer(&self, transactional_id: &str) -> Result<Arc<dyn TxnWriter>, IoError>;
+    /// The committed offset of `group` on a partition (next record to read).
+    async fn committed(&self, group: &str, topic: &str, partition: u32)
+        -> Result<Option<u64>, IoError>;
+    /// A reader positioned at `from`.
+    fn reader(&self, topic: &str, partition: u32, from: u64) -> Box<dyn PartitionReader>;
+    /// Whether the backend is usable (for `/readyz`).
+    async fn healthcheck(&self) -> Result<(), IoError>;
+}
+
+pub type SharedLog = Arc<dyn EventLog>;
+
+/// A scheduled batch job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub campaign_id: String,
+    pub batch: u64,
+    pub due_at: i64,
+    /// The `execute_batch` command id this job turns into.
+    pub command_id: String,
+}
+
+/// A job handed to a consumer; ack it once its command is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub tag: u64,
+    pub job: Job,
+    pub redelivered: bool,
+}
+
+/// A delay queue: jobs are delivered once due, in due order whatever the
+/// publish order; unacked deliveries come back after a restart.
+#[async_trait::async_trait]
+pub trait DelayQueue: Send + Sync + 'static {
+    /// Publish durably (returns once confirmed).
+    async fn publish(&self, job: &Job) -> Result<(), IoError>;
+    /// The next due job, waiting up to `wait`; `None` when nothing is due.
+    async fn next_due(&self, wait: Duration) -> Result<Option<Delivery>, IoError>;
+    async fn ack(&self, tag: u64) -> Result<(), IoError>;
+    /// Give a delivery back for redelivery.
+    async fn requeue(&self, tag: u64) -> Result<(), IoError>;
+    async fn healthcheck(&self) -> Result<(), IoError>;
+}
+
+pub type SharedQueue = Arc<dyn DelayQueue>;

@@ -1,0 +1,524 @@
+//! Typed sled stores: the campaign read model, the subscriber table, the
+//! report (final windows), the trainer's evidence and the aggregators' local
+//! window state. Each store writes its consumed offsets in the same sled
+//! batch as the state they produced, so a restart resumes exactly there.
+
+use crate::domain::campaign::{CampaignState, Event, EventBody};
+use crate::domain::model::Arm;
+use crate::domain::window::{FinalWindow, WindowKey, WindowMeta};
+use crate::io::IoError;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
+    let mut k = b"o/".to_vec();
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+fn read_offset(tree: &sled::Tree, topic: &str, partition: u32) -> Result<u64, IoError> {
+    Ok(tree
+        .get(offset_key(topic, partition))?
+        .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+        .unwrap_or(0))
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("serialisable")
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T, IoError> {
+    serde_json::from_slice(b).map_err(|e| IoError::Fatal(format!("corrupt {what}: {e}")))
+}
+
+/// A command's outcome as served by `GET /v1/commands/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandView {
+    pub command_id: String,
+    pub campaign_id: String,
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+/// The query side of campaigns: a projection of `campaign-events`.
+#[derive(Clone)]
+pub struct ReadModelStore {
+    tree: sled::Tree,
+}
+
+fn campaign_key(id: &str) -> Vec<u8> {
+    let mut k = b"c/".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn event_prefix(id: &str) -> Vec<u8> {
+    let mut k = b"e/".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k.push(0);
+    k
+}
+
+fn command_key(id: &str) -> Vec<u8> {
+    let mut k = b"k/".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+impl ReadModelStore {
+    pub fn open(db: &sled::Db) -> Result<Self, IoError> {
+        Ok(ReadModelStore {
+            tree: db.open_tree("read_model")?,
+        })
+    }
+
+    pub fn offset(&self, topic: &str, partition: u32) -> Result<u64, IoError> {
+        read_offset(&self.tree, topic, partition)
+    }
+
+    /// Apply events read from `topic`/`partition`, idempotently by
+    /// (campaign_id, seq): a record seen again replaces the stored one (last
+    /// write wins) and the projection is refolded from the stored events.
+    pub fn apply_events(
+        &self,
+        topic: &str,
+        partition: u32,
+        events: &[Event],
+        next_offset: u64,
+    ) -> Result<(), IoError> {
+        let mut batch = sled::Batch::default();
+        let mut states: BTreeMap<String, CampaignState> = BTreeMap::new();
+        let mut stored: BTreeMap<(String, u64), Event> = BTreeMap::new();
+        let mut refold: std::collections::BTreeSet<String> = Default::default();
+        for e in events {
+            if !states.contains_key(&e.campaign_id) {
+                let s = self
+                    .campaign(&e.campaign_id)?
+                    .unwrap_or_else(|| CampaignState::new(&e.campaign_id, false));
+                states.insert(e.campaign_id.clone(), s);
+            }
+            let state = states.get_mut(&e.campaign_id).expect("inserted");
+            if e.seq <= state.seq {
+                refold.insert(e.campaign_id.clone());
+            } else {
+                state.apply(e);
+            }
+            stored.insert((e.campaign_id.clone(), e.seq), e.clone());
+            let mut ek = event_prefix(&e.campaign_id);
+            ek.extend_from_slice(&e.seq.to_be_bytes());
+            batch.insert(ek, json(e));
+            let (status, reason) = match &e.body {
+                EventBody::CommandRejected { reason, .. } => ("rejected", Some(reason.clone())),
+                _ => ("applied", None),
+            };
+            batch.insert(
+                command_key(&e.command_id),
+                json(&CommandView {
+                    command_id: e.command_id.clone(),
+                    campaign_id: e.campaign_id.clone(),
+                    status: status.into(),
+                    reason,
+                }),
+            );
+        }
+        for id in refold {
+            let mut all: BTreeMap<u64, Event> = BTreeMap::new();
+            for item in self.tree.scan_prefix(event_prefix(&id)) {
+                let (_, v) = item?;
+                let e: Event = from_json(&v, "event")?;
+                all.insert(e.seq, e);
+            }
+            for ((cid, seq), e) in &stored {
+                if *cid == id {
+                    all.insert(*seq, e.clone());
+                }
+            }
+            let mut s = CampaignState::new(&id, false);
+            for e in all.values() {
+                s.apply(e);
+            }
+            states.insert(id, s);
+        }
+        for (id, s) in &states {
+            batch.insert(campaign_key(id), json(s));
+        }
+        batch.insert(offset_key(topic, partition), &next_offset.to_be_bytes()[..]);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn campaign(&self, id: &str) -> Result<Option<CampaignState>, IoError> {
+        match self.tree.get(campaign_key(id))? {
+            None => Ok(None),
+            Some(v) => {
+                let mut s: CampaignState = from_json(&v, "campaign")?;
+                s.campaign_id = id.to_string();
+                Ok(Some(s))
+            }
+        }
+    }
+
+    pub fn campaigns(&self) -> Result<Vec<CampaignState>, IoError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(b"c/") {
+            let (_, v) = item?;
+            out.push(from_json(&v, "campaign")?);
+        }
+        Ok(out)
+    }
+
+    pub fn command(&self, id: &str) -> Result<Option<CommandView>, IoError> {
+        match self.tree.get(command_key(id))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(from_json(&v, "command")?)),
+        }
+    }
+
+    /// Remember an accepted command as pending (unless already known).
+    pub fn put_pending(&self, command_id: &str, campaign_id: &str) -> Result<(), IoError> {
+        let view = CommandView {
+            command_id: command_id.into(),
+            campaign_id: campaign_id.into(),
+            status: "pending".into(),
+            reason: None,
+        };
+        let _ = self
+            .tree
+            .compare_and_swap(command_key(command_id), None as Option<&[u8]>, Some(json(&view)))?;
+        Ok(())
+    }
+}
+
+/// The global subscriber table, materialised from the compacted topic.
+#[derive(Clone)]
+pub struct SubscriberStore {
+    tree: sled::Tree,
+}
+
+/// A subscriber and its numeric features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscriber {
+    pub channel_id: String,
+    pub user_id: String,
+    #[serde(default)]
+    pub features: BTreeMap<String, f64>,
+}
+
+fn sub_key(channel: &str, user: &str) -> Vec<u8> {
+    let mut k = b"s/".to_vec();
+    k.extend_from_slice(channel.as_bytes());
+    k.push(0);
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+impl SubscriberStore {
+    pub fn open(db: &sled::Db) -> Result<Self, IoError> {
+        Ok(SubscriberStore {
+            tree: db.open_tree("subscribers")?,
+        })
+    }
+
+    pub fn offset(&self, topic: &str, partition: u32) -> Result<u64, IoError> {
+        read_offset(&self.tree, topic, partition)
+    }
+
+    /// Apply upserts (`Some`) and removals (`None`) keyed `channel/user`.
+    pub fn apply(
+        &self,
+        topic: &str,
+        partition: u32,
+        changes: &[(String, String, Option<Subscriber>)],
+        next_offset: u64,
+    ) -> Result<(), IoError> {
+        let mut batch = sled::Batch::default();
+        for (channel, user, sub) in changes {
+            match sub {
+                Some(s) => batch.insert(sub_key(channel, user), json(&s.features)),
+                None => batch.remove(sub_key(channel, user)),
+            }
+        }
+        batch.insert(offset_key(topic, partition), &next_offset.to_be_bytes()[..]);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Users of a channel, sorted.
+    pub fn users(&self, channel: &str) -> Result<Vec<String>, IoError> {
+        let prefix = sub_key(channel, "");
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).to_string());
+        }
+        Ok(out)
+    }
+
+    pub fn count(&self, channel: &str) -> usize {
+        self.tree.scan_prefix(sub_key(channel, "")).count()
+    }
+}
+
+/// Final windows materialised from `reaction-aggregates`, per campaign.
+#[derive(Clone)]
+pub struct ReportStore {
+    tree: sled::Tree,
+}
+
+impl ReportStore {
+    pub fn open(db: &sled::Db) -> Result<Self, IoError> {
+        Ok(ReportStore {
+            tree: db.open_tree("reports")?,
+        })
+    }
+
+    pub fn offset(&self, topic: &str, partition: u32) -> Result<u64, IoError> {
+        read_offset(&self.tree, topic, partition)
+    }
+
+    /// Store final windows idempotently by their identity.
+    pub fn apply(
+        &self,
+        topic: &str,
+        partition: u32,
+        finals: &[FinalWindow],
+        next_offset: u64,
+    ) -> Result<(), IoError> {
+        let mut batch = sled::Batch::default();
+        for f in finals {
+            let mut k = b"w/".to_vec();
+            k.extend_from_slice(f.campaign_id.as_bytes());
+            k.push(0);
+            k.extend_from_slice(f.identity().as_bytes());
+            batch.insert(k, json(f));
+        }
+        batch.insert(offset_key(topic, partition), &next_offset.to_be_bytes()[..]);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn windows(&self, campaign: &str) -> Result<Vec<FinalWindow>, IoError> {
+        let mut k = b"w/".to_vec();
+        k.extend_from_slice(campaign.as_bytes());
+        k.push(0);
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(k) {
+            let (_, v) = item?;
+            out.push(from_json(&v, "window")?);
+        }
+        Ok(out)
+    }
+}
+
+/// A send the trainer has seen, waiting for clicks within the attribution window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendRecord {
+    pub creative_id: String,
+    pub ts: i64,
+    pub clicked: bool,
+}
+
+/// The trainer's evidence: sends per (campaign, user) and arms per creative.
+#[derive(Clone)]
+pub struct TrainerStore {
+    tree: sled::Tree,
+}
+
+fn pair_key(tag: &[u8], a: &str, b: &str) -> Vec<u8> {
+    let mut k = tag.to_vec();
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+impl TrainerStore {
+    pub fn open(db: &sled::Db) -> Result<Self, IoError> {
+        Ok(TrainerStore {
+            tree: db.open_tree("trainer")?,
+        })
+    }
+
+    pub fn offset(&self, topic: &str, partition: u32) -> Result<u64, IoError> {
+        read_offset(&self.tree, topic, partition)
+    }
+
+    pub fn send(&self, campaign: &str, user: &str) -> Result<Option<SendRecord>, IoError> {
+        match self.tree.get(pair_key(b"s/", campaign, user))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(from_json(&v, "send")?)),
+        }
+    }
+
+    pub fn arms(&self) -> Result<BTreeMap<String, BTreeMap<String, Arm>>, IoError> {
+        let mut out: BTreeMap<String, BTreeMap<String, Arm>> = BTreeMap::new();
+        for item in self.tree.scan_prefix(b"a/") {
+            let (k, v) = item?;
+            let rest = &k[2..];
+            let sep = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+            let campaign = String::from_utf8_lossy(&rest[..sep]).to_string();
+            let creative = String::from_utf8_lossy(rest.get(sep + 1..).unwrap_or_default()).to_string();
+            out.entry(campaign)
+                .or_default()
+                .insert(creative, from_json(&v, "arm")?);
+        }
+        Ok(out)
+    }
+
+    /// Persist updated sends and arms with the consumed offset.
+    pub fn apply(
+        &self,
+        topic: &str,
+        partition: u32,
+        sends: &BTreeMap<(String, String), SendRecord>,
+        arms: &BTreeMap<(String, String), Arm>,
+        next_offset: u64,
+    ) -> Result<(), IoError> {
+        let mut batch = sled::Batch::default();
+        for ((c, u), s) in sends {
+            batch.insert(pair_key(b"s/", c, u), json(s));
+        }
+        for ((c, cr), a) in arms {
+            batch.insert(pair_key(b"a/", c, cr), json(a));
+        }
+        batch.insert(offset_key(topic, partition), &next_offset.to_be_bytes()[..]);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn arm(&self, campaign: &str, creative: &str) -> Result<Arm, IoError> {
+        match self.tree.get(pair_key(b"a/", campaign, creative))? {
+            None => Ok(Arm::default()),
+            Some(v) => from_json(&v, "arm"),
+        }
+    }
+}
+
+/// What an aggregator's local state reflects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AggProgress {
+    pub window: WindowMeta,
+    /// Next input offset to process.
+    pub input_offset: u64,
+    /// Next changelog offset not yet reflected in this state.
+    pub changelog_offset: u64,
+}
+
+/// An aggregator's local window state for one input partition.
+#[derive(Clone)]
+pub struct AggStateStore {
+    tree: sled::Tree,
+}
+
+impl AggStateStore {
+    pub fn open(db: &sled::Db, partition: u32) -> Result<Self, IoError> {
+        Ok(AggStateStore {
+            tree: db.open_tree(format!("aggregator/{partition}"))?,
+        })
+    }
+
+    /// The stored windows and progress, if any state exists.
+    pub fn load(&self) -> Result<Option<(Vec<(WindowKey, u64)>, AggProgress)>, IoError> {
+        let Some(meta) = self.tree.get(b"m")? else {
+            return Ok(None);
+        };
+        let progress: AggProgress = from_json(&meta, "aggregator progress")?;
+        let mut windows = Vec::new();
+        for item in self.tree.scan_prefix(b"w") {
+            let (k, v) = item?;
+            let key = WindowKey::decode(&k[1..])
+                .ok_or_else(|| IoError::Fatal("corrupt window key".into()))?;
+            let count = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+            windows.push((key, count));
+        }
+        Ok(Some((windows, progress)))
+    }
+
+    /// Apply window changes and the progress they bring, atomically.
+    pub fn apply(
+        &self,
+        changes: &[(WindowKey, Option<u64>)],
+        progress: &AggProgress,
+    ) -> Result<(), IoError> {
+        let mut batch = sled::Batch::default();
+        for (k, c) in changes {
+            let mut key = vec![b'w'];
+            key.extend_from_slice(&k.encode());
+            match c {
+                Some(c) => batch.insert(key, &c.to_be_bytes()[..]),
+                None => batch.remove(key),
+            }
+        }
+        batch.insert(&b"m"[..], json(progress));
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Drop all local state (before a full rebuild).
+    pub fn clear(&self) -> Result<(), IoError> {
+        self.tree.clear()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::campaign::{Creative, EventBody};
+
+    fn ev(seq: u64, body: EventBody) -> Event {
+        Event {
+            campaign_id: "c".into(),
+            seq,
+            command_id: format!("cmd{seq}"),
+            ts: 0,
+            body,
+        }
+    }
+
+    #[test]
+    fn read_model_is_idempotent_by_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let rm = ReadModelStore::open(&db).unwrap();
+        let created = ev(
+            1,
+            EventBody::Created {
+                channel_id: "ch".into(),
+                creatives: vec![Creative {
+                    creative_id: "a".into(),
+                    text: "t".into(),
+                }],
+                budget: 10,
+                start_at: 0,
+                end_at: 1000,
+                batch_interval_secs: 1,
+                batches_total: 1,
+            },
+        );
+        let mut assignments = BTreeMap::new();
+        assignments.insert("a".to_string(), vec!["u1".to_string(), "u2".to_string()]);
+        let exec = ev(
+            2,
+            EventBody::BatchExecuted {
+                batch: 0,
+                due_at: 0,
+                size: 2,
+                model_version: 0,
+                assignments,
+            },
+        );
+        rm.apply_events("t", 0, &[created.clone(), exec.clone()], 2).unwrap();
+        // The same records again (an aborted transaction replayed) change nothing.
+        rm.apply_events("t", 0, &[created, exec], 4).unwrap();
+        let s = rm.campaign("c").unwrap().unwrap();
+        assert_eq!(s.messages_sent, 2);
+        assert_eq!(s.sends_per_creative["a"], 2);
+        assert_eq!(rm.offset("t", 0).unwrap(), 4);
+        assert_eq!(rm.command("cmd2").unwrap().unwrap().status, "applied");
+        rm.put_pending("cmd2", "c").unwrap();
+        assert_eq!(rm.command("cmd2").unwrap().unwrap().status, "applied");
+    }
+}

@@ -1,0 +1,69 @@
+//! Topic names (prefix from config) and the specs every daemon ensures at start.
+
+use crate::config::Config;
+use crate::io::TopicSpec;
+
+/// Full names of the contract's topics.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub commands: String,
+    /// Unreadable command records (internal).
+    pub commands_dlq: String,
+    pub events: String,
+    pub subscribers: String,
+    pub outbound: String,
+    pub reactions: String,
+    pub aggregates: String,
+    pub reactions_dlq: String,
+    pub models: String,
+    pub contents: String,
+    pub content_matches: String,
+    /// Changelog of the window aggregators' state (internal).
+    pub aggregator_changelog: String,
+    pub partitions: u32,
+}
+
+impl Topics {
+    pub fn new(cfg: &Config) -> Self {
+        let t = |n: &str| cfg.topic(n);
+        Topics {
+            commands: t("campaign-commands"),
+            commands_dlq: t("campaign-commands.dlq"),
+            events: t("campaign-events"),
+            subscribers: t("subscribers"),
+            outbound: t("outbound-messages"),
+            reactions: t("reaction-logs"),
+            aggregates: t("reaction-aggregates"),
+            reactions_dlq: t("reaction-logs.dlq"),
+            models: t("models"),
+            contents: t("contents"),
+            content_matches: t("content-matches"),
+            aggregator_changelog: t("aggregator-changelog"),
+            partitions: cfg.kafka.partitions,
+        }
+    }
+
+    /// Every topic with its partition count and cleanup policy.
+    pub fn specs(&self) -> Vec<TopicSpec> {
+        let p = self.partitions;
+        let spec = |name: &String, compacted: bool| TopicSpec {
+            name: name.clone(),
+            partitions: p,
+            compacted,
+        };
+        vec![
+            spec(&self.commands, false),
+            spec(&self.events, false),
+            spec(&self.commands_dlq, false),
+            spec(&self.subscribers, true),
+            spec(&self.outbound, false),
+            spec(&self.reactions, false),
+            spec(&self.aggregates, false),
+            spec(&self.reactions_dlq, false),
+            spec(&self.models, true),
+            spec(&self.contents, false),
+            spec(&self.content_matches, false),
+            spec(&self.aggregator_changelog, true),
+        ]
+    }
+}

@@ -1,0 +1,270 @@
+//! A running node: opens its backends, builds the supervision tree, serves
+//! HTTP, and shuts down gracefully (children drain newest first, then the
+//! stores flush).
+
+use crate::actors::aggregator::{AggregatorArgs, WindowAggregatorActor};
+use crate::actors::command_partition::{CommandPartitionActor, CommandPartitionArgs};
+use crate::actors::materializer::{
+    EventsProjection, MaterializerActor, MaterializerArgs, Projection, ReportProjection,
+    SubscribersProjection,
+};
+use crate::actors::scheduler::SchedulerActor;
+use crate::actors::targeting::{TargetingModelActor, TargetingRef};
+use crate::actors::trainer::TrainerActor;
+use crate::actors::{Ctx, Readiness, SharedCtx, StateStores};
+use crate::clock::SharedClock;
+use crate::config::{BackendKind, Config};
+use crate::domain::model::Model;
+use crate::io::embedded_delay::EmbeddedDelayQueue;
+use crate::io::embedded_log::EmbeddedLog;
+use crate::io::store::{AggStateStore, ReadModelStore, ReportStore, SubscriberStore, TrainerStore};
+use crate::io::topics::Topics;
+use crate::io::{IoError, SharedLog, SharedQueue};
+use crate::supervision::{start_supervisor, ChildSpec, RestartPolicy, Strategy, SupervisorArgs, SupervisorMsg};
+use arc_swap::ArcSwap;
+use ractor::{Actor, ActorRef};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors that stop a node from starting, each a clear one-liner.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {0}: {1}")]
+    DataDir(String, String),
+    #[error("backend: {0}")]
+    Backend(#[from] IoError),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("supervision tree: {0}")]
+    Tree(String),
+    #[error("http listen {0}: {1}")]
+    Http(String, String),
+}
+
+struct SledStores {
+    db: sled::Db,
+}
+
+impl StateStores for SledStores {
+    fn aggregator(&self, partition: u32) -> Result<AggStateStore, IoError> {
+        AggStateStore::open(&self.db, partition)
+    }
+}
+
+/// A started node.
+pub struct Node {
+    pub ctx: SharedCtx,
+    pub root: ActorRef<SupervisorMsg>,
+    pub http_addr: Option<std::net::SocketAddr>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
+    db: sled::Db,
+}
+
+/// Open the sled database of a data directory, with a clear error when it
+/// is missing permissions or held by another process.
+pub fn open_db(cfg: &Config) -> Result<sled::Db, StartError> {
+    let dir = &cfg.storage.data_dir;
+    let shown = dir.display().to_string();
+    std::fs::create_dir_all(dir).map_err(|e| StartError::DataDir(shown.clone(), e.to_string()))?;
+    sled::Config::new()
+        .path(dir.join("sled"))
+        .flush_every_ms(Some(200))
+        .open()
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("lock") || msg.contains("WouldBlock") || msg.contains("temporarily unavailable") {
+                StartError::DataDir(shown, "in use by another smartmsg process".into())
+            } else {
+                StartError::DataDir(shown, msg)
+            }
+        })
+}
+
+fn policy(cfg: &Config, strategy: Strategy) -> RestartPolicy {
+    RestartPolicy::from_config(strategy, &cfg.supervision)
+}
+
+fn materializers(ctx: &SharedCtx, projection: Arc<dyn Projection>) -> Vec<ChildSpec> {
+    (0..ctx.topics.partitions)
+        .map(|p| {
+            let ctx = ctx.clone();
+            let projection = projection.clone();
+            ChildSpec::new(format!("{}-{p}", projection.kind()), "materializer", move || {
+                (
+                    MaterializerActor,
+                    MaterializerArgs {
+                        ctx: ctx.clone(),
+                        partition: p,
+                        projection: projection.clone(),
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+fn tree(ctx: &SharedCtx) -> SupervisorArgs {
+    let cfg = &ctx.cfg;
+    let mut state_children = materializers(ctx, Arc::new(EventsProjection(ctx.clone())));
+    state_children.extend(materializers(ctx, Arc::new(SubscribersProjection(ctx.clone()))));
+    state_children.extend(materializers(ctx, Arc::new(ReportProjection(ctx.clone()))));
+    let targeting_name = TargetingRef::for_node(&ctx.node_id).name;
+    let c = ctx.clone();
+    let targeting = ChildSpec {
+        name: "targeting".into(),
+        kind: "targeting".into(),
+        restart: crate::supervision::RestartType::Permanent,
+        start: Arc::new(move |sup| {
+            let c = c.clone();
+            let name = targeting_name.clone();
+            Box::pin(async move {
+                let (r, _) = Actor::spawn_linked(Some(name), TargetingModelActor, c, sup).await?;
+                Ok(r.get_cell())
+            })
+        }),
+    };
+    let commands: Vec<ChildSpec> = (0..ctx.topics.partitions)
+        .map(|p| {
+            let c = ctx.clone();
+            ChildSpec::new(format!("commands-{p}"), "command_partition", move || {
+                (
+                    CommandPartitionActor,
+                    CommandPartitionArgs {
+                        ctx: c.clone(),
+                        partition: p,
+                        targeting: TargetingRef::for_node(&c.node_id),
+                    },
+                )
+            })
+        })
+        .collect();
+    let aggregators: Vec<ChildSpec> = (0..ctx.topics.partitions)
+        .map(|p| {
+            let c = ctx.clone();
+            ChildSpec::new(format!("aggregator-{p}"), "aggregator", move || {
+                (
+                    WindowAggregatorActor,
+                    AggregatorArgs {
+                        ctx: c.clone(),
+                        partition: p,
+                    },
+                )
+            })
+        })
+        .collect();
+    let c1 = ctx.clone();
+    let c2 = ctx.clone();
+    let one = |kind: &str, children: Vec<ChildSpec>| {
+        let kind = kind.to_string();
+        let p = policy(cfg, Strategy::OneForOne);
+        crate::supervision::supervisor::supervisor_child(&kind.clone(), move || SupervisorArgs {
+            kind: kind.clone(),
+            policy: p,
+            children: children.clone(),
+        })
+    };
+    SupervisorArgs {
+        kind: "root".into(),
+        policy: policy(cfg, Strategy::OneForOne),
+        children: vec![
+            one("state", state_children),
+            one("targeting", vec![targeting]),
+            one("commands", commands),
+            one(
+                "scheduler",
+                vec![ChildSpec::new("scheduler", "scheduler", move || (SchedulerActor, c1.clone()))],
+            ),
+            one("aggregators", aggregators),
+            one(
+                "trainer",
+                vec![ChildSpec::new("trainer", "trainer", move || (TrainerActor, c2.clone()))],
+            ),
+        ],
+    }
+}
+
+impl Node {
+    /// Open the backends named by the config and start everything.
+    pub async fn start(cfg: Config, clock: SharedClock, serve_http: bool) -> Result<Node, StartError> {
+        let metrics = crate::io::metrics::install();
+        let cfg = Arc::new(cfg);
+        let db = open_db(&cfg)?;
+        let (log, queue): (SharedLog, SharedQueue) = match cfg.backend.kind {
+            BackendKind::Embedded => (
+                Arc::new(EmbeddedLog::open(&db)?),
+                Arc::new(EmbeddedDelayQueue::open(&db, "batches", clock.clone())?),
+            ),
+            BackendKind::Cluster => {
+                return Err(StartError::Unsupported(
+                    "backend.kind = \"cluster\" (Kafka + RabbitMQ) is not available in this build; use \"embedded\"".into(),
+                ))
+            }
+        };
+        let topics = Topics::new(&cfg);
+        for spec in topics.specs() {
+            log.ensure_topic(&spec).await?;
+        }
+        let ctx = Arc::new(Ctx {
+            node_id: cfg.node_id(),
+            cfg: cfg.clone(),
+            clock,
+            log,
+            queue,
+            topics,
+            read_model: ReadModelStore::open(&db)?,
+            subscribers: SubscriberStore::open(&db)?,
+            reports: ReportStore::open(&db)?,
+            trainer_store: TrainerStore::open(&db)?,
+            stores: Arc::new(SledStores { db: db.clone() }),
+            model: Arc::new(ArcSwap::from_pointee(Model::prior())),
+            readiness: Arc::new(Readiness::default()),
+        });
+        let root = start_supervisor(tree(&ctx), None)
+            .await
+            .map_err(|e| StartError::Tree(e.to_string()))?;
+        let (http_addr, http_task) = if serve_http {
+            let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
+                .await
+                .map_err(|e| StartError::Http(cfg.http.listen.clone(), e.to_string()))?;
+            let addr = listener.local_addr().ok();
+            let app = crate::io::http::router(ctx.clone(), metrics);
+            let task = tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "http server stopped");
+                }
+            });
+            (addr, Some(task))
+        } else {
+            (None, None)
+        };
+        ctx.readiness.started.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(node = %ctx.node_id, backend = ?cfg.backend.kind, http = ?http_addr, "node started");
+        Ok(Node {
+            ctx,
+            root,
+            http_addr,
+            http_task,
+            db,
+        })
+    }
+
+    /// Graceful stop: stop serving, drain the tree, flush the stores.
+    pub async fn shutdown(mut self) {
+        tracing::info!(node = %self.ctx.node_id, "draining");
+        self.ctx.readiness.started.store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.http_task.take() {
+            t.abort();
+        }
+        let _ = self
+            .root
+            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(60)))
+            .await;
+        let _ = self.db.flush_async().await;
+        tracing::info!(node = %self.ctx.node_id, "stopped");
+    }
+
+    /// Resolves when the root supervisor has terminated (escalation).
+    pub async fn wait(&self) {
+        let _ = self.root.get_cell().wait(None).await;
+    }
+}
