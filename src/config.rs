@@ -170,8 +170,22 @@ impl Config {
         for (name, value) in env {
             overlay_env(&defaults, &mut merged, &name, &value, &mut errors);
         }
-        check_enum(&defaults, &mut merged, "backend", "kind", &["embedded", "cluster"], &mut errors);
-        check_enum(&defaults, &mut merged, "log", "format", &["text", "json"], &mut errors);
+        check_enum(
+            &defaults,
+            &mut merged,
+            "backend",
+            "kind",
+            &["embedded", "cluster"],
+            &mut errors,
+        );
+        check_enum(
+            &defaults,
+            &mut merged,
+            "log",
+            "format",
+            &["text", "json"],
+            &mut errors,
+        );
         let config: Option<Config> = {
             match toml::Value::Table(merged).try_into::<Config>() {
                 Ok(c) => Some(c),
@@ -219,7 +233,8 @@ impl Config {
             errors.push("campaign.max_batch_size: must be > 0".into());
         }
         if self.supervision.backoff_base_ms > self.supervision.backoff_max_ms {
-            errors.push("supervision.backoff_base_ms: must be <= supervision.backoff_max_ms".into());
+            errors
+                .push("supervision.backoff_base_ms: must be <= supervision.backoff_max_ms".into());
         }
         if self.supervision.period_ms == 0 {
             errors.push("supervision.period_ms: must be > 0".into());
@@ -264,7 +279,10 @@ fn check_enum(
     allowed: &[&str],
     errors: &mut Vec<String>,
 ) {
-    let table = merged.get_mut(section).and_then(|s| s.as_table_mut()).expect("section");
+    let table = merged
+        .get_mut(section)
+        .and_then(|s| s.as_table_mut())
+        .expect("section");
     let value = table.get(key).and_then(|v| v.as_str()).unwrap_or_default();
     if !allowed.contains(&value) {
         errors.push(format!(
@@ -427,7 +445,11 @@ mod tests {
         assert!(text.contains("unknown section [zzz]"), "{text}");
         assert!(text.contains("kafka.partitions must be integer"), "{text}");
         assert!(text.contains("http.listen"), "{text}");
-        std::fs::write(&path, "[http]\nlisten = \"nowhere\"\n[backend]\nkind = \"cloud\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[http]\nlisten = \"nowhere\"\n[backend]\nkind = \"cloud\"\n",
+        )
+        .unwrap();
         let err = Config::load_from(Some(&path), std::iter::empty()).unwrap_err();
         assert_eq!(err.0.len(), 2, "{err}");
         assert!(err.to_string().contains("backend.kind"), "{err}");

@@ -106,7 +106,11 @@ async fn simulate(
     loop {
         for r in readers.iter_mut() {
             for rec in r.next_batch(5000, Duration::ZERO).await? {
-                let Some(v) = rec.value.as_deref().and_then(|v| serde_json::from_slice::<Value>(v).ok()) else {
+                let Some(v) = rec
+                    .value
+                    .as_deref()
+                    .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+                else {
                     continue;
                 };
                 let user = v["user_id"].as_str().unwrap_or_default().to_string();
@@ -117,7 +121,10 @@ async fn simulate(
                 let f = features.get(&user).copied().unwrap_or([0.5; 3]);
                 let c = creative_index(&creative);
                 let mut rng = ChaCha8Rng::seed_from_u64(
-                    seed ^ crate::domain::model::stable_hash(&[campaign.as_bytes(), user.as_bytes()]),
+                    seed ^ crate::domain::model::stable_hash(&[
+                        campaign.as_bytes(),
+                        user.as_bytes(),
+                    ]),
                 );
                 let p = World::click_p(&f, c);
                 let mut push = |action: &str, at: i64, heap: &mut BinaryHeap<_>| {
@@ -154,7 +161,11 @@ async fn simulate(
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            due.push(OutRecord::keyed(&topics.reactions, user, Some(ev.into_bytes())));
+            due.push(OutRecord::keyed(
+                &topics.reactions,
+                user,
+                Some(ev.into_bytes()),
+            ));
         }
         if !due.is_empty() {
             log.publish(due).await?;
@@ -188,14 +199,24 @@ fn random_baseline(world: &World, budget: u64, seed: u64) -> (u64, f64) {
 pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let tmp = tempfile::tempdir()?;
-    cfg.storage.data_dir = args.data_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    cfg.storage.data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().to_path_buf());
     cfg.kafka.partitions = 4;
     cfg.model.retrain_interval_ms = 200;
     cfg.node.id = "demo".into();
-    cfg.log.level = if args.verbose { "info".into() } else { "error".into() };
+    cfg.log.level = if args.verbose {
+        "info".into()
+    } else {
+        "error".into()
+    };
     crate::logging::init(&cfg);
     let clock: SharedClock = Arc::new(ScaledClock::new(system_now_ms(), args.speed));
-    println!("smartmsg demo: embedded backends in {}", cfg.storage.data_dir.display());
+    println!(
+        "smartmsg demo: embedded backends in {}",
+        cfg.storage.data_dir.display()
+    );
     let node = Node::start(cfg, clock.clone(), false).await?;
     let ctx = node.ctx.clone();
 
@@ -208,7 +229,11 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         .map(|(u, f)| {
             let v = json!({"channel_id": channel, "user_id": u,
                 "features": {"f0": f[0], "f1": f[1], "f2": f[2]}});
-            OutRecord::keyed(&ctx.topics.subscribers, format!("{channel}/{u}"), Some(v.to_string().into_bytes()))
+            OutRecord::keyed(
+                &ctx.topics.subscribers,
+                format!("{channel}/{u}"),
+                Some(v.to_string().into_bytes()),
+            )
         })
         .collect();
     for chunk in records.chunks(5000) {
@@ -217,7 +242,10 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     while ctx.subscribers.count(channel) < args.subscribers {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("registered {} subscribers in channel {channel}", args.subscribers);
+    println!(
+        "registered {} subscribers in channel {channel}",
+        args.subscribers
+    );
 
     // 2. The campaign.
     let start_at = clock.now_ms() + 5_000;
@@ -291,7 +319,10 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
             anyhow::bail!("campaign did not finish in time (status {:?})", c.status);
         }
     };
-    println!("campaign {}; waiting for the last reactions and windows", state.status.map(|s| s.as_str()).unwrap_or("?"));
+    println!(
+        "campaign {}; waiting for the last reactions and windows",
+        state.status.map(|s| s.as_str()).unwrap_or("?")
+    );
     let _ = stop_tx.send(true);
     sim.await??;
 
@@ -302,10 +333,16 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let report = loop {
-        let c = ctx.read_model.campaign("demo-campaign")?.expect("campaign exists");
+        let c = ctx
+            .read_model
+            .campaign("demo-campaign")?
+            .expect("campaign exists");
         let report = crate::io::http::report_json(&ctx, &c)?;
         let sum = |k: &str| -> u64 {
-            report["creatives"].as_array().map(|a| a.iter().map(|c| c[k].as_u64().unwrap_or(0)).sum()).unwrap_or(0)
+            report["creatives"]
+                .as_array()
+                .map(|a| a.iter().map(|c| c[k].as_u64().unwrap_or(0)).sum())
+                .unwrap_or(0)
         };
         if sum("impressions") == want_imp && sum("clicks") == want_clicks {
             break report;
@@ -321,10 +358,31 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     };
 
     // 6. The report.
+    print_report(&ctx, &state, &report, &stats, &world, &args);
+    println!("done in {:.1} s", started.elapsed().as_secs_f64());
+    node.shutdown().await;
+    Ok(())
+}
+
+fn print_report(
+    ctx: &crate::actors::SharedCtx,
+    state: &crate::domain::campaign::CampaignState,
+    report: &Value,
+    stats: &Mutex<SimStats>,
+    world: &World,
+    args: &DemoArgs,
+) {
     let st = stats.lock().expect("stats");
     println!();
-    println!("== report: demo-campaign ({} messages, model v{} at the end) ==", state.messages_sent, ctx.model.load().version);
-    println!("{:<10} {:>7} {:>12} {:>7} {:>7}   hidden base CTR", "creative", "sends", "impressions", "clicks", "ctr");
+    println!(
+        "== report: demo-campaign ({} messages, model v{} at the end) ==",
+        state.messages_sent,
+        ctx.model.load().version
+    );
+    println!(
+        "{:<10} {:>7} {:>12} {:>7} {:>7}   hidden base CTR",
+        "creative", "sends", "impressions", "clicks", "ctr"
+    );
     for c in report["creatives"].as_array().into_iter().flatten() {
         let id = c["creative_id"].as_str().unwrap_or_default();
         println!(
@@ -341,21 +399,32 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     println!("clicks per batch:");
     for (b, sends) in &st.sends_by_batch {
         let clicks = st.clicks_by_batch.get(b).copied().unwrap_or(0);
-        println!("  batch {b:>2}: {sends:>5} sends {clicks:>4} clicks  {}", "#".repeat(clicks as usize / 2));
+        println!(
+            "  batch {b:>2}: {sends:>5} sends {clicks:>4} clicks  {}",
+            "#".repeat(clicks as usize / 2)
+        );
     }
-    let (rand_clicks, rand_expected) = random_baseline(&world, state.messages_sent, args.seed);
+    let (rand_clicks, rand_expected) = random_baseline(world, state.messages_sent, args.seed);
     println!();
-    println!("targeting vs random, same budget ({} messages):", state.messages_sent);
-    println!("  smartmsg : {:>5} clicks (expected {:.0})", st.clicks, st.expected_clicks);
-    println!("  random   : {:>5} clicks (expected {:.0})", rand_clicks, rand_expected);
+    println!(
+        "targeting vs random, same budget ({} messages):",
+        state.messages_sent
+    );
+    println!(
+        "  smartmsg : {:>5} clicks (expected {:.0})",
+        st.clicks, st.expected_clicks
+    );
+    println!(
+        "  random   : {:>5} clicks (expected {:.0})",
+        rand_clicks, rand_expected
+    );
     if rand_expected > 0.0 {
-        println!("  lift     : {:+.0}% expected clicks", (st.expected_clicks / rand_expected - 1.0) * 100.0);
+        println!(
+            "  lift     : {:+.0}% expected clicks",
+            (st.expected_clicks / rand_expected - 1.0) * 100.0
+        );
     }
     println!();
-    println!("done in {:.1} s", started.elapsed().as_secs_f64());
-    drop(st);
-    node.shutdown().await;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -370,6 +439,9 @@ mod tests {
         let (_, expected) = random_baseline(&a, 100, 1);
         // mean click probability is about the mean base CTR
         let mean_base: f64 = CREATIVES.iter().map(|c| c.2).sum::<f64>() / 4.0;
-        assert!((expected / 100.0 - IMPRESSION_P * mean_base).abs() < 0.02, "{expected}");
+        assert!(
+            (expected / 100.0 - IMPRESSION_P * mean_base).abs() < 0.02,
+            "{expected}"
+        );
     }
 }

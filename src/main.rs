@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "smartmsg", version, about = "Smart message advertising runtime")]
+#[command(
+    name = "smartmsg",
+    version,
+    about = "Smart message advertising runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -20,7 +20,9 @@ use crate::io::embedded_log::EmbeddedLog;
 use crate::io::store::{AggStateStore, ReadModelStore, ReportStore, SubscriberStore, TrainerStore};
 use crate::io::topics::Topics;
 use crate::io::{IoError, SharedLog, SharedQueue};
-use crate::supervision::{start_supervisor, ChildSpec, RestartPolicy, Strategy, SupervisorArgs, SupervisorMsg};
+use crate::supervision::{
+    start_supervisor, ChildSpec, RestartPolicy, Strategy, SupervisorArgs, SupervisorMsg,
+};
 use arc_swap::ArcSwap;
 use ractor::{Actor, ActorRef};
 use std::sync::Arc;
@@ -72,7 +74,10 @@ pub fn open_db(cfg: &Config) -> Result<sled::Db, StartError> {
         .open()
         .map_err(|e| {
             let msg = e.to_string();
-            if msg.contains("lock") || msg.contains("WouldBlock") || msg.contains("temporarily unavailable") {
+            if msg.contains("lock")
+                || msg.contains("WouldBlock")
+                || msg.contains("temporarily unavailable")
+            {
                 StartError::DataDir(shown, "in use by another smartmsg process".into())
             } else {
                 StartError::DataDir(shown, msg)
@@ -89,16 +94,20 @@ fn materializers(ctx: &SharedCtx, projection: Arc<dyn Projection>) -> Vec<ChildS
         .map(|p| {
             let ctx = ctx.clone();
             let projection = projection.clone();
-            ChildSpec::new(format!("{}-{p}", projection.kind()), "materializer", move || {
-                (
-                    MaterializerActor,
-                    MaterializerArgs {
-                        ctx: ctx.clone(),
-                        partition: p,
-                        projection: projection.clone(),
-                    },
-                )
-            })
+            ChildSpec::new(
+                format!("{}-{p}", projection.kind()),
+                "materializer",
+                move || {
+                    (
+                        MaterializerActor,
+                        MaterializerArgs {
+                            ctx: ctx.clone(),
+                            partition: p,
+                            projection: projection.clone(),
+                        },
+                    )
+                },
+            )
         })
         .collect()
 }
@@ -106,7 +115,10 @@ fn materializers(ctx: &SharedCtx, projection: Arc<dyn Projection>) -> Vec<ChildS
 fn tree(ctx: &SharedCtx) -> SupervisorArgs {
     let cfg = &ctx.cfg;
     let mut state_children = materializers(ctx, Arc::new(EventsProjection(ctx.clone())));
-    state_children.extend(materializers(ctx, Arc::new(SubscribersProjection(ctx.clone()))));
+    state_children.extend(materializers(
+        ctx,
+        Arc::new(SubscribersProjection(ctx.clone())),
+    ));
     state_children.extend(materializers(ctx, Arc::new(ReportProjection(ctx.clone()))));
     let targeting_name = TargetingRef::for_node(&ctx.node_id).name;
     let c = ctx.clone();
@@ -172,12 +184,16 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
             one("commands", commands),
             one(
                 "scheduler",
-                vec![ChildSpec::new("scheduler", "scheduler", move || (SchedulerActor, c1.clone()))],
+                vec![ChildSpec::new("scheduler", "scheduler", move || {
+                    (SchedulerActor, c1.clone())
+                })],
             ),
             one("aggregators", aggregators),
             one(
                 "trainer",
-                vec![ChildSpec::new("trainer", "trainer", move || (TrainerActor, c2.clone()))],
+                vec![ChildSpec::new("trainer", "trainer", move || {
+                    (TrainerActor, c2.clone())
+                })],
             ),
         ],
     }
@@ -185,7 +201,11 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
 
 impl Node {
     /// Open the backends named by the config and start everything.
-    pub async fn start(cfg: Config, clock: SharedClock, serve_http: bool) -> Result<Node, StartError> {
+    pub async fn start(
+        cfg: Config,
+        clock: SharedClock,
+        serve_http: bool,
+    ) -> Result<Node, StartError> {
         let metrics = crate::io::metrics::install();
         let cfg = Arc::new(cfg);
         let db = open_db(&cfg)?;
@@ -237,7 +257,9 @@ impl Node {
         } else {
             (None, None)
         };
-        ctx.readiness.started.store(true, std::sync::atomic::Ordering::SeqCst);
+        ctx.readiness
+            .started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(node = %ctx.node_id, backend = ?cfg.backend.kind, http = ?http_addr, "node started");
         Ok(Node {
             ctx,
@@ -251,7 +273,10 @@ impl Node {
     /// Graceful stop: stop serving, drain the tree, flush the stores.
     pub async fn shutdown(mut self) {
         tracing::info!(node = %self.ctx.node_id, "draining");
-        self.ctx.readiness.started.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.ctx
+            .readiness
+            .started
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         if let Some(t) = self.http_task.take() {
             t.abort();
         }

@@ -10,7 +10,9 @@
 
 use crate::actors::SharedCtx;
 use crate::domain::reaction::parse_reaction;
-use crate::domain::window::{FinalWindow, StateChange, WindowConfig, WindowEngine, WindowKey, WindowMeta};
+use crate::domain::window::{
+    FinalWindow, StateChange, WindowConfig, WindowEngine, WindowKey, WindowMeta,
+};
 use crate::io::store::{AggProgress, AggStateStore};
 use crate::io::{payload_text, OffsetCommit, OutRecord, PartitionReader, Record, Txn, TxnWriter};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -85,7 +87,9 @@ async fn replay_changelog(
     committed: u64,
     engine: &mut WindowEngine,
 ) -> Result<Replay, ActorProcessingErr> {
-    let mut reader = ctx.log.reader(&ctx.topics.aggregator_changelog, partition, from);
+    let mut reader = ctx
+        .log
+        .reader(&ctx.topics.aggregator_changelog, partition, from);
     let mut pending: Vec<StateChange> = Vec::new();
     let mut out = Replay {
         changes: Vec::new(),
@@ -101,8 +105,10 @@ async fn replay_changelog(
         for rec in recs {
             out.records += 1;
             if rec.key.as_deref() == Some(META_KEY) {
-                let meta: Option<ChangelogMeta> =
-                    rec.value.as_deref().and_then(|v| serde_json::from_slice(v).ok());
+                let meta: Option<ChangelogMeta> = rec
+                    .value
+                    .as_deref()
+                    .and_then(|v| serde_json::from_slice(v).ok());
                 match meta {
                     Some(m) if m.input_offset <= committed => {
                         for (k, c) in pending.drain(..) {
@@ -122,7 +128,11 @@ async fn replay_changelog(
                 continue;
             }
             let Some(key) = rec.key.as_deref().and_then(WindowKey::decode) else {
-                tracing::error!(partition, offset = rec.offset, "unreadable changelog key skipped");
+                tracing::error!(
+                    partition,
+                    offset = rec.offset,
+                    "unreadable changelog key skipped"
+                );
                 continue;
             };
             let count = match rec.value.as_deref() {
@@ -130,7 +140,11 @@ async fn replay_changelog(
                 Some(v) => match serde_json::from_slice::<ChangelogCount>(v) {
                     Ok(c) => Some(c.count),
                     Err(_) => {
-                        tracing::error!(partition, offset = rec.offset, "unreadable changelog value skipped");
+                        tracing::error!(
+                            partition,
+                            offset = rec.offset,
+                            "unreadable changelog value skipped"
+                        );
                         continue;
                     }
                 },
@@ -180,13 +194,16 @@ impl AggregatorState {
         let (changes, finals) = self.engine.take_changes();
         let meta = self.engine.meta();
         let next = self.reader.position();
-        let mut records: Vec<OutRecord> = Vec::with_capacity(changes.len() + finals.len() + self.dlq.len() + 1);
+        let mut records: Vec<OutRecord> =
+            Vec::with_capacity(changes.len() + finals.len() + self.dlq.len() + 1);
         for (k, c) in &changes {
             records.push(OutRecord {
                 topic: ctx.topics.aggregator_changelog.clone(),
                 partition: Some(p),
                 key: Some(k.encode()),
-                value: c.map(|count| serde_json::to_vec(&ChangelogCount { count }).expect("serialisable")),
+                value: c.map(|count| {
+                    serde_json::to_vec(&ChangelogCount { count }).expect("serialisable")
+                }),
             });
         }
         let meta_index = records.len();
@@ -306,7 +323,11 @@ impl Actor for WindowAggregatorActor {
             changelog_offset: replay.position,
         };
         let changes: Vec<StateChange> = if full {
-            engine.snapshot().into_iter().map(|(k, c)| (k, Some(c))).collect()
+            engine
+                .snapshot()
+                .into_iter()
+                .map(|(k, c)| (k, Some(c)))
+                .collect()
         } else {
             replay.changes
         };
@@ -317,8 +338,15 @@ impl Actor for WindowAggregatorActor {
         let took = started.elapsed();
         metrics::histogram!("smartmsg_aggregator_restore_seconds").record(took.as_secs_f64());
         metrics::counter!("smartmsg_aggregator_restored_records_total").increment(replay.records);
-        tracing::info!(partition = p, full, changelog_records = replay.records, open_windows = engine.open_windows(),
-            input_offset = committed, took_ms = took.as_millis() as u64, "aggregator state restored");
+        tracing::info!(
+            partition = p,
+            full,
+            changelog_records = replay.records,
+            open_windows = engine.open_windows(),
+            input_offset = committed,
+            took_ms = took.as_millis() as u64,
+            "aggregator state restored"
+        );
         let writer = ctx
             .log
             .txn_writer(&format!("{}aggregator-{p}", ctx.cfg.kafka.topic_prefix))

@@ -6,7 +6,9 @@
 
 use crate::actors::targeting::{SelectRequest, TargetingMsg, TargetingRef};
 use crate::actors::SharedCtx;
-use crate::domain::campaign::{batch_events, decide, CampaignState, Command, Decision, Event, EventBody, Outcome};
+use crate::domain::campaign::{
+    batch_events, decide, CampaignState, Command, Decision, Event, EventBody, Outcome,
+};
 use crate::io::{Job, OffsetCommit, OutRecord, TxnWriter};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::json;
@@ -43,7 +45,11 @@ pub struct CampaignActorState {
 }
 
 /// Read one campaign's events from its partition of `campaign-events`.
-pub async fn load_events(ctx: &SharedCtx, partition: u32, campaign_id: Option<&str>) -> Result<Vec<Event>, ActorProcessingErr> {
+pub async fn load_events(
+    ctx: &SharedCtx,
+    partition: u32,
+    campaign_id: Option<&str>,
+) -> Result<Vec<Event>, ActorProcessingErr> {
     let mut reader = ctx.log.reader(&ctx.topics.events, partition, 0);
     let mut out = Vec::new();
     loop {
@@ -59,7 +65,11 @@ pub async fn load_events(ctx: &SharedCtx, partition: u32, campaign_id: Option<&s
             }
             match r.value.as_deref().map(serde_json::from_slice::<Event>) {
                 Some(Ok(e)) => out.push(e),
-                _ => tracing::error!(partition, offset = r.offset, "unreadable campaign event skipped"),
+                _ => tracing::error!(
+                    partition,
+                    offset = r.offset,
+                    "unreadable campaign event skipped"
+                ),
             }
         }
     }
@@ -115,15 +125,16 @@ impl CampaignActor {
         for e in &events {
             st.state.apply(e);
             scheduled |= matches!(e.body, EventBody::BatchScheduled { .. });
-            match &e.body {
-                EventBody::CommandRejected { reason, .. } => {
-                    tracing::info!(campaign = %e.campaign_id, command = %e.command_id, %reason, "command rejected");
-                    metrics::counter!("smartmsg_commands_total", "result" => "rejected").increment(1);
-                }
-                _ => {}
+            if let EventBody::CommandRejected { reason, .. } = &e.body {
+                tracing::info!(campaign = %e.campaign_id, command = %e.command_id, %reason, "command rejected");
+                metrics::counter!("smartmsg_commands_total", "result" => "rejected").increment(1);
             }
         }
-        if !events.iter().any(|e| matches!(e.body, EventBody::CommandRejected { .. })) && !events.is_empty() {
+        if !events
+            .iter()
+            .any(|e| matches!(e.body, EventBody::CommandRejected { .. }))
+            && !events.is_empty()
+        {
             metrics::counter!("smartmsg_commands_total", "result" => "applied").increment(1);
         }
         if scheduled {
@@ -183,7 +194,9 @@ impl Actor for CampaignActor {
             }
             Decision::Events(events) => {
                 let outcome = match events.first().map(|e| &e.body) {
-                    Some(EventBody::CommandRejected { reason, .. }) => Outcome::Rejected(reason.clone()),
+                    Some(EventBody::CommandRejected { reason, .. }) => {
+                        Outcome::Rejected(reason.clone())
+                    }
                     _ => Outcome::Applied,
                 };
                 self.commit(st, events, Vec::new(), offset).await?;
@@ -193,7 +206,12 @@ impl Actor for CampaignActor {
                 let req = SelectRequest {
                     campaign_id: st.state.campaign_id.clone(),
                     channel_id: st.state.channel_id.clone(),
-                    creatives: st.state.creatives.iter().map(|c| c.creative_id.clone()).collect(),
+                    creatives: st
+                        .state
+                        .creatives
+                        .iter()
+                        .map(|c| c.creative_id.clone())
+                        .collect(),
                     exclude: Arc::new(st.state.sent_users.clone()),
                     size: plan.size,
                     batch: plan.batch,
@@ -204,13 +222,23 @@ impl Actor for CampaignActor {
                     .get()
                     .ok_or("targeting actor is not running")?;
                 let sel = targeting
-                    .call(|r| TargetingMsg::Select(req, r), Some(Duration::from_secs(60)))
+                    .call(
+                        |r| TargetingMsg::Select(req, r),
+                        Some(Duration::from_secs(60)),
+                    )
                     .await?;
                 let sel = match sel {
                     ractor::rpc::CallResult::Success(s) => s,
                     other => return Err(format!("targeting did not answer: {other:?}").into()),
                 };
-                let events = batch_events(&st.state, &command, &plan, &sel.pairs, sel.model_version, now);
+                let events = batch_events(
+                    &st.state,
+                    &command,
+                    &plan,
+                    &sel.pairs,
+                    sel.model_version,
+                    now,
+                );
                 let outbound: Vec<OutRecord> = sel
                     .pairs
                     .iter()

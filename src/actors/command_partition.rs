@@ -76,9 +76,16 @@ impl CommandPartitionState {
 
     /// Route an unreadable command record to the commands DLQ with its offset
     /// committed in the same transaction.
-    async fn dead_letter(&self, offset: u64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, reason: String) -> Result<(), ActorProcessingErr> {
+    async fn dead_letter(
+        &self,
+        offset: u64,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        reason: String,
+    ) -> Result<(), ActorProcessingErr> {
         tracing::warn!(partition = self.partition, offset, %reason, "unreadable command dead-lettered");
-        metrics::counter!("smartmsg_dlq_records_total", "reason" => "malformed_command").increment(1);
+        metrics::counter!("smartmsg_dlq_records_total", "reason" => "malformed_command")
+            .increment(1);
         let value = serde_json::json!({
             "reason": reason,
             "topic": self.ctx.topics.commands,
@@ -148,7 +155,13 @@ impl Actor for CommandPartitionActor {
             .committed(ctx.group(), &ctx.topics.commands, p)
             .await?
             .unwrap_or(0);
-        tracing::info!(partition = p, campaigns = preloaded.len(), republished, from, "command partition restored");
+        tracing::info!(
+            partition = p,
+            campaigns = preloaded.len(),
+            republished,
+            from,
+            "command partition restored"
+        );
         let reader = ctx.log.reader(&ctx.topics.commands, p, from);
         let policy = RestartPolicy::from_config(Strategy::OneForOne, &ctx.cfg.supervision);
         myself.send_message(CommandPartitionMsg::Poll)?;
@@ -187,11 +200,15 @@ impl Actor for CommandPartitionActor {
             let command = match r.value.as_deref().map(serde_json::from_slice::<Command>) {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    state.dead_letter(r.offset, r.key, r.value, format!("malformed: {e}")).await?;
+                    state
+                        .dead_letter(r.offset, r.key, r.value, format!("malformed: {e}"))
+                        .await?;
                     continue;
                 }
                 None => {
-                    state.dead_letter(r.offset, r.key, None, "invalid: null value".into()).await?;
+                    state
+                        .dead_letter(r.offset, r.key, None, "invalid: null value".into())
+                        .await?;
                     continue;
                 }
             };
@@ -236,7 +253,9 @@ impl Actor for CommandPartitionActor {
     ) -> Result<(), ActorProcessingErr> {
         let (cell, why) = match event {
             SupervisionEvent::ActorFailed(c, e) => (c, e.to_string()),
-            SupervisionEvent::ActorTerminated(c, _, r) => (c, format!("stopped: {}", r.unwrap_or_default())),
+            SupervisionEvent::ActorTerminated(c, _, r) => {
+                (c, format!("stopped: {}", r.unwrap_or_default()))
+            }
             _ => return Ok(()),
         };
         let id = cell.get_id();
@@ -249,7 +268,10 @@ impl Actor for CommandPartitionActor {
             return Ok(());
         };
         state.campaigns.remove(&campaign);
-        match state.tracker.on_failure(crate::clock::system_now_ms(), rand::random()) {
+        match state
+            .tracker
+            .on_failure(crate::clock::system_now_ms(), rand::random())
+        {
             Decision::Escalate { restarts } => {
                 metrics::counter!("smartmsg_actor_escalations_total", "actor" => "command_partition").increment(1);
                 Err(format!(
@@ -261,10 +283,12 @@ impl Actor for CommandPartitionActor {
             Decision::Restart { delay, attempt } => {
                 tracing::warn!(partition = state.partition, %campaign, attempt, delay_ms = delay.as_millis() as u64,
                     reason = %why, "campaign actor failed; restarting from the log on its next command");
-                metrics::counter!("smartmsg_actor_restarts_total", "actor" => "campaign").increment(1);
-                state
-                    .backoff_until
-                    .insert(campaign, crate::clock::system_now_ms() + delay.as_millis() as i64);
+                metrics::counter!("smartmsg_actor_restarts_total", "actor" => "campaign")
+                    .increment(1);
+                state.backoff_until.insert(
+                    campaign,
+                    crate::clock::system_now_ms() + delay.as_millis() as i64,
+                );
                 Ok(())
             }
         }

@@ -129,10 +129,15 @@ impl Projection for SubscribersProjection {
     fn apply(&self, partition: u32, records: &[Record], next: u64) -> Result<(), IoError> {
         let mut changes = Vec::with_capacity(records.len());
         for r in records {
-            let key = r.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            let key = r
+                .key
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
             let Some((channel, user)) = key.split_once('/') else {
                 tracing::error!(partition, offset = r.offset, %key, "subscriber key is not channel_id/user_id");
-                metrics::counter!("smartmsg_unreadable_records_total", "topic" => "subscribers").increment(1);
+                metrics::counter!("smartmsg_unreadable_records_total", "topic" => "subscribers")
+                    .increment(1);
                 continue;
             };
             match r.value.as_deref() {
@@ -169,7 +174,11 @@ impl Projection for ReportProjection {
     fn apply(&self, partition: u32, records: &[Record], next: u64) -> Result<(), IoError> {
         let mut finals = Vec::with_capacity(records.len());
         for r in records {
-            match r.value.as_deref().map(serde_json::from_slice::<FinalWindow>) {
+            match r
+                .value
+                .as_deref()
+                .map(serde_json::from_slice::<FinalWindow>)
+            {
                 Some(Ok(f)) => finals.push(f),
                 _ => {
                     tracing::error!(partition, offset = r.offset, "unreadable final window");
@@ -178,6 +187,8 @@ impl Projection for ReportProjection {
                 }
             }
         }
-        self.0.reports.apply(&self.topic(), partition, &finals, next)
+        self.0
+            .reports
+            .apply(&self.topic(), partition, &finals, next)
     }
 }

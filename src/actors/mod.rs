@@ -33,7 +33,10 @@ use std::time::Duration;
 
 /// Opens per-partition local state (implemented by the node over its sled db).
 pub trait StateStores: Send + Sync + 'static {
-    fn aggregator(&self, partition: u32) -> Result<crate::io::store::AggStateStore, crate::io::IoError>;
+    fn aggregator(
+        &self,
+        partition: u32,
+    ) -> Result<crate::io::store::AggStateStore, crate::io::IoError>;
 }
 
 /// Readiness as `/readyz` reports it.

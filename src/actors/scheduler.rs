@@ -42,7 +42,8 @@ impl Actor for SchedulerActor {
         let ctx = &state.ctx;
         if let Some(d) = ctx.queue.next_due(Duration::from_millis(250)).await? {
             let lateness_ms = (ctx.clock.now_ms() - d.job.due_at).max(0);
-            metrics::histogram!("smartmsg_job_lateness_seconds").record(lateness_ms as f64 / 1000.0);
+            metrics::histogram!("smartmsg_job_lateness_seconds")
+                .record(lateness_ms as f64 / 1000.0);
             metrics::counter!("smartmsg_jobs_fired_total").increment(1);
             if d.redelivered {
                 metrics::counter!("smartmsg_jobs_redelivered_total").increment(1);
@@ -55,7 +56,11 @@ impl Actor for SchedulerActor {
             let value = serde_json::to_vec(&cmd).expect("serialisable");
             match ctx
                 .log
-                .publish(vec![OutRecord::keyed(&ctx.topics.commands, cmd.campaign_id.clone(), Some(value))])
+                .publish(vec![OutRecord::keyed(
+                    &ctx.topics.commands,
+                    cmd.campaign_id.clone(),
+                    Some(value),
+                )])
                 .await
             {
                 Ok(_) => {

@@ -64,7 +64,11 @@ pub fn offer_model(ctx: &SharedCtx, bytes: &[u8]) -> bool {
         Ok(m) => {
             let current = ctx.model.load();
             if m.version > current.version {
-                tracing::info!(version = m.version, examples = m.examples, "model swapped in");
+                tracing::info!(
+                    version = m.version,
+                    examples = m.examples,
+                    "model swapped in"
+                );
                 metrics::gauge!("smartmsg_model_version").set(m.version as f64);
                 metrics::counter!("smartmsg_model_swaps_total", "result" => "swapped").increment(1);
                 ctx.model.store(Arc::new(m));
@@ -125,22 +129,24 @@ impl Actor for TargetingModelActor {
             TargetingMsg::Select(req, reply) => {
                 let model = state.ctx.model.load_full();
                 let subscribers = state.ctx.subscribers.clone();
-                let sel = tokio::task::spawn_blocking(move || -> Result<Selection, crate::io::IoError> {
-                    let users = subscribers.users(&req.channel_id)?;
-                    let seed = batch_seed(&req.campaign_id, req.batch, model.version);
-                    let pairs = model.select_batch(
-                        &req.campaign_id,
-                        &req.creatives,
-                        &users,
-                        &req.exclude,
-                        req.size as usize,
-                        seed,
-                    );
-                    Ok(Selection {
-                        pairs,
-                        model_version: model.version,
-                    })
-                })
+                let sel = tokio::task::spawn_blocking(
+                    move || -> Result<Selection, crate::io::IoError> {
+                        let users = subscribers.users(&req.channel_id)?;
+                        let seed = batch_seed(&req.campaign_id, req.batch, model.version);
+                        let pairs = model.select_batch(
+                            &req.campaign_id,
+                            &req.creatives,
+                            &users,
+                            &req.exclude,
+                            req.size as usize,
+                            seed,
+                        );
+                        Ok(Selection {
+                            pairs,
+                            model_version: model.version,
+                        })
+                    },
+                )
                 .await??;
                 let _ = reply.send(sel);
             }

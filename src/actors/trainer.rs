@@ -56,63 +56,89 @@ async fn latest_version(ctx: &SharedCtx) -> Result<u64, ActorProcessingErr> {
 }
 
 /// Fold a batch of reaction records into the evidence (blocking sled IO).
-fn absorb(ctx: &SharedCtx, partition: u32, records: &[crate::io::Record], next: u64) -> Result<bool, crate::io::IoError> {
-        let store = &ctx.trainer_store;
-        let window = ctx.cfg.model.attribution_window_ms as i64;
-        let mut sends: BTreeMap<(String, String), SendRecord> = BTreeMap::new();
-        let mut arms: BTreeMap<(String, String), Arm> = BTreeMap::new();
-        let mut changed = false;
-        for r in records {
-            // Invalid records are the aggregator's to dead-letter; the trainer skips them.
-            let Ok(ev) = parse_reaction(r.value.as_deref()) else { continue };
-            let key = (ev.campaign_id.clone(), ev.user_id.clone());
-            let known = match sends.get(&key) {
-                Some(s) => Some(s.clone()),
-                None => store.send(&ev.campaign_id, &ev.user_id)?,
-            };
-            match ev.action {
-                Action::Send if known.is_none() => {
-                    let ak = (ev.campaign_id.clone(), ev.creative_id.clone());
-                    let arm = match arms.get(&ak) {
-                        Some(a) => *a,
-                        None => store.arm(&ev.campaign_id, &ev.creative_id)?,
-                    };
-                    arms.insert(ak, Arm { sends: arm.sends + 1, ..arm });
-                    sends.insert(key, SendRecord { creative_id: ev.creative_id.clone(), ts: ev.ts, clicked: false });
-                    changed = true;
-                }
-                Action::Click => {
-                    if let Some(mut s) = known {
-                        let dt = ev.ts - s.ts;
-                        if !s.clicked && (0..=window).contains(&dt) {
-                            s.clicked = true;
-                            let ak = (ev.campaign_id.clone(), s.creative_id.clone());
-                            let arm = match arms.get(&ak) {
-                                Some(a) => *a,
-                                None => store.arm(&ev.campaign_id, &s.creative_id)?,
-                            };
-                            arms.insert(ak, Arm { clicks: arm.clicks + 1, ..arm });
-                            sends.insert(key, s);
-                            changed = true;
-                        }
+fn absorb(
+    ctx: &SharedCtx,
+    partition: u32,
+    records: &[crate::io::Record],
+    next: u64,
+) -> Result<bool, crate::io::IoError> {
+    let store = &ctx.trainer_store;
+    let window = ctx.cfg.model.attribution_window_ms as i64;
+    let mut sends: BTreeMap<(String, String), SendRecord> = BTreeMap::new();
+    let mut arms: BTreeMap<(String, String), Arm> = BTreeMap::new();
+    let mut changed = false;
+    for r in records {
+        // Invalid records are the aggregator's to dead-letter; the trainer skips them.
+        let Ok(ev) = parse_reaction(r.value.as_deref()) else {
+            continue;
+        };
+        let key = (ev.campaign_id.clone(), ev.user_id.clone());
+        let known = match sends.get(&key) {
+            Some(s) => Some(s.clone()),
+            None => store.send(&ev.campaign_id, &ev.user_id)?,
+        };
+        match ev.action {
+            Action::Send if known.is_none() => {
+                let ak = (ev.campaign_id.clone(), ev.creative_id.clone());
+                let arm = match arms.get(&ak) {
+                    Some(a) => *a,
+                    None => store.arm(&ev.campaign_id, &ev.creative_id)?,
+                };
+                arms.insert(
+                    ak,
+                    Arm {
+                        sends: arm.sends + 1,
+                        ..arm
+                    },
+                );
+                sends.insert(
+                    key,
+                    SendRecord {
+                        creative_id: ev.creative_id.clone(),
+                        ts: ev.ts,
+                        clicked: false,
+                    },
+                );
+                changed = true;
+            }
+            Action::Click => {
+                if let Some(mut s) = known {
+                    let dt = ev.ts - s.ts;
+                    if !s.clicked && (0..=window).contains(&dt) {
+                        s.clicked = true;
+                        let ak = (ev.campaign_id.clone(), s.creative_id.clone());
+                        let arm = match arms.get(&ak) {
+                            Some(a) => *a,
+                            None => store.arm(&ev.campaign_id, &s.creative_id)?,
+                        };
+                        arms.insert(
+                            ak,
+                            Arm {
+                                clicks: arm.clicks + 1,
+                                ..arm
+                            },
+                        );
+                        sends.insert(key, s);
+                        changed = true;
                     }
                 }
-                _ => {}
             }
+            _ => {}
         }
-        store.apply(&ctx.topics.reactions, partition, &sends, &arms, next)?;
-        Ok(changed)
+    }
+    store.apply(&ctx.topics.reactions, partition, &sends, &arms, next)?;
+    Ok(changed)
 }
 
 impl TrainerState {
-
     async fn fit_and_publish(&mut self) -> Result<(), ActorProcessingErr> {
         let arms = self.ctx.trainer_store.arms()?;
         let version = self.version + 1;
         let model = Model::new(version, self.ctx.clock.now_ms(), arms);
         if let Err(e) = model.validate() {
             tracing::error!(version, error = %e, "trained model failed validation; not published");
-            metrics::counter!("smartmsg_model_swaps_total", "result" => "invalid_trained").increment(1);
+            metrics::counter!("smartmsg_model_swaps_total", "result" => "invalid_trained")
+                .increment(1);
             return Ok(());
         }
         let bytes = model.to_bytes();
@@ -189,7 +215,11 @@ impl Actor for TrainerActor {
             state.dirty = false;
             state.last_fit = Instant::now();
         }
-        let delay = if any { Duration::ZERO } else { Duration::from_millis(50) };
+        let delay = if any {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50)
+        };
         myself.send_after(delay, || TrainerMsg::Poll);
         Ok(())
     }

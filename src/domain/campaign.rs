@@ -574,9 +574,7 @@ fn req_str(obj: &Map<String, Value>, field: &str) -> Result<String, FieldError> 
 fn req_int(obj: &Map<String, Value>, field: &str) -> Result<i64, FieldError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(ferr(field, "is required")),
-        Some(v) => v
-            .as_i64()
-            .ok_or_else(|| ferr(field, "must be an integer")),
+        Some(v) => v.as_i64().ok_or_else(|| ferr(field, "must be an integer")),
     }
 }
 
@@ -720,8 +718,8 @@ mod tests {
         }
     }
 
-    fn apply_all(s: &mut CampaignState, d: Decision) -> Vec<Event> {
-        match d {
+    fn run(s: &mut CampaignState, cmd: &Command, now: i64) -> Vec<Event> {
+        match decide(s, cmd, now, 100) {
             Decision::Events(evs) => {
                 for e in &evs {
                     s.apply(e);
@@ -765,10 +763,17 @@ mod tests {
     #[test]
     fn create_schedules_first_batch_and_pacing_spreads_budget() {
         let mut s = CampaignState::new("camp", true);
-        let evs = apply_all(&mut s, decide(&s, &create_cmd(10), 5, 100));
+        let evs = run(&mut s, &create_cmd(10), 5);
         assert_eq!(evs.len(), 2);
         assert_eq!(evs[0].seq, 1);
-        assert!(matches!(evs[1].body, EventBody::BatchScheduled { batch: 0, due_at: 0, .. }));
+        assert!(matches!(
+            evs[1].body,
+            EventBody::BatchScheduled {
+                batch: 0,
+                due_at: 0,
+                ..
+            }
+        ));
         assert_eq!(s.status, Some(Status::Scheduled));
         assert_eq!(s.batches_total, 5);
         // 10 over 5 batches = 2 each
@@ -787,14 +792,14 @@ mod tests {
     #[test]
     fn duplicate_commands_are_answered_with_first_outcome() {
         let mut s = CampaignState::new("camp", true);
-        apply_all(&mut s, decide(&s, &create_cmd(10), 5, 100));
+        run(&mut s, &create_cmd(10), 5);
         assert_eq!(
             decide(&s, &create_cmd(10), 6, 100),
             Decision::Duplicate(Outcome::Applied)
         );
         let mut again = create_cmd(10);
         again.command_id = "c2".into();
-        let evs = apply_all(&mut s, decide(&s, &again, 6, 100));
+        let evs = run(&mut s, &again, 6);
         assert!(matches!(evs[0].body, EventBody::CommandRejected { .. }));
         assert!(matches!(
             decide(&s, &again, 7, 100),
@@ -805,28 +810,30 @@ mod tests {
     #[test]
     fn paused_campaign_executes_nothing_and_resume_reschedules() {
         let mut s = CampaignState::new("camp", true);
-        apply_all(&mut s, decide(&s, &create_cmd(10), 0, 100));
+        run(&mut s, &create_cmd(10), 0);
         let p = s.pending.clone().unwrap();
         let pause = Command {
             command_id: "p".into(),
             campaign_id: "camp".into(),
             kind: CommandKind::Pause,
         };
-        apply_all(&mut s, decide(&s, &pause, 0, 100));
+        run(&mut s, &pause, 0);
         let exec_cmd = Command {
             command_id: p.command_id.clone(),
             campaign_id: "camp".into(),
             kind: CommandKind::ExecuteBatch { batch: 0 },
         };
-        let evs = apply_all(&mut s, decide(&s, &exec_cmd, 0, 100));
-        assert!(matches!(&evs[0].body, EventBody::CommandRejected { reason, .. } if reason.contains("paused")));
+        let evs = run(&mut s, &exec_cmd, 0);
+        assert!(
+            matches!(&evs[0].body, EventBody::CommandRejected { reason, .. } if reason.contains("paused"))
+        );
         let resume = Command {
             command_id: "r".into(),
             campaign_id: "camp".into(),
             kind: CommandKind::Resume,
         };
         // resumed at t=4500: batches 0..=2 are past, next due is batch 3 (6000)
-        apply_all(&mut s, decide(&s, &resume, 4500, 100));
+        run(&mut s, &resume, 4500);
         let p2 = s.pending.clone().unwrap();
         assert_eq!(p2.batch, 3);
         assert_ne!(p2.command_id, p.command_id);
@@ -837,7 +844,7 @@ mod tests {
     #[test]
     fn stale_and_repeated_execute_are_rejected_without_effect() {
         let mut s = CampaignState::new("camp", true);
-        apply_all(&mut s, decide(&s, &create_cmd(10), 0, 100));
+        run(&mut s, &create_cmd(10), 0);
         let first = s.pending.clone().unwrap();
         exec(&mut s, &["u1", "u2"]);
         let sent = s.messages_sent;
@@ -846,8 +853,10 @@ mod tests {
             campaign_id: "camp".into(),
             kind: CommandKind::ExecuteBatch { batch: first.batch },
         };
-        let evs = apply_all(&mut s, decide(&s, &stale, 0, 100));
-        assert!(matches!(&evs[0].body, EventBody::CommandRejected { reason, .. } if reason.contains("already executed")));
+        let evs = run(&mut s, &stale, 0);
+        assert!(
+            matches!(&evs[0].body, EventBody::CommandRejected { reason, .. } if reason.contains("already executed"))
+        );
         assert_eq!(s.messages_sent, sent);
     }
 
@@ -857,20 +866,24 @@ mod tests {
         assert!(check_transition(Some(Status::Running), &CommandKind::Resume).is_err());
         assert!(check_transition(Some(Status::Paused), &CommandKind::Resume).is_ok());
         assert!(check_transition(Some(Status::Cancelled), &CommandKind::Cancel).is_err());
-        assert!(check_transition(Some(Status::Completed), &CommandKind::SetBudget { budget: 1 }).is_err());
+        assert!(check_transition(
+            Some(Status::Completed),
+            &CommandKind::SetBudget { budget: 1 }
+        )
+        .is_err());
     }
 
     #[test]
     fn budget_below_sent_completes() {
         let mut s = CampaignState::new("camp", true);
-        apply_all(&mut s, decide(&s, &create_cmd(10), 0, 100));
+        run(&mut s, &create_cmd(10), 0);
         exec(&mut s, &["u1", "u2"]);
         let cmd = Command {
             command_id: "b".into(),
             campaign_id: "camp".into(),
             kind: CommandKind::SetBudget { budget: 2 },
         };
-        apply_all(&mut s, decide(&s, &cmd, 0, 100));
+        run(&mut s, &cmd, 0);
         assert_eq!(s.status, Some(Status::Completed));
     }
 
@@ -884,10 +897,22 @@ mod tests {
         let cases = [
             (json!({"creatives":[]}), "channel_id"),
             (json!({"channel_id":"c","creatives":[]}), "creatives"),
-            (json!({"channel_id":"c","creatives":[{"creative_id":"a"}]}), "creatives[0].text"),
-            (json!({"channel_id":"c","creatives":[{"creative_id":"a","text":"t"}],"budget":0}), "budget"),
-            (json!({"channel_id":"c","creatives":[{"creative_id":"a","text":"t"}],"budget":1,"start_at":5,"end_at":5,"batch_interval_secs":1}), "end_at"),
-            (json!({"channel_id":"c","creatives":[{"creative_id":"a","text":"t"}],"budget":1,"start_at":0,"end_at":5,"batch_interval_secs":0}), "batch_interval_secs"),
+            (
+                json!({"channel_id":"c","creatives":[{"creative_id":"a"}]}),
+                "creatives[0].text",
+            ),
+            (
+                json!({"channel_id":"c","creatives":[{"creative_id":"a","text":"t"}],"budget":0}),
+                "budget",
+            ),
+            (
+                json!({"channel_id":"c","creatives":[{"creative_id":"a","text":"t"}],"budget":1,"start_at":5,"end_at":5,"batch_interval_secs":1}),
+                "end_at",
+            ),
+            (
+                json!({"channel_id":"c","creatives":[{"creative_id":"a","text":"t"}],"budget":1,"start_at":0,"end_at":5,"batch_interval_secs":0}),
+                "batch_interval_secs",
+            ),
             (json!({"campaign_id":"", "channel_id":"c"}), "campaign_id"),
             (json!([1]), "body"),
         ];

@@ -72,9 +72,21 @@ impl Model {
         Model::new(0, 0, BTreeMap::new())
     }
 
-    pub fn new(version: u64, trained_at: i64, arms: BTreeMap<String, BTreeMap<String, Arm>>) -> Model {
-        let examples = arms.values().flat_map(|m| m.values()).map(|a| a.sends).sum();
-        let clicks: u64 = arms.values().flat_map(|m| m.values()).map(|a| a.clicks).sum();
+    pub fn new(
+        version: u64,
+        trained_at: i64,
+        arms: BTreeMap<String, BTreeMap<String, Arm>>,
+    ) -> Model {
+        let examples = arms
+            .values()
+            .flat_map(|m| m.values())
+            .map(|a| a.sends)
+            .sum();
+        let clicks: u64 = arms
+            .values()
+            .flat_map(|m| m.values())
+            .map(|a| a.clicks)
+            .sum();
         let mut metrics = BTreeMap::new();
         metrics.insert(
             "ctr".to_string(),
@@ -100,7 +112,10 @@ impl Model {
     fn compute_checksum(&self) -> String {
         let mut c = self.clone();
         c.checksum = String::new();
-        format!("{:016x}", fnv1a(&serde_json::to_vec(&c).expect("serialisable")))
+        format!(
+            "{:016x}",
+            fnv1a(&serde_json::to_vec(&c).expect("serialisable"))
+        )
     }
 
     /// Check integrity and sanity; a model failing this is never swapped in.
@@ -128,7 +143,8 @@ impl Model {
     }
 
     pub fn from_bytes(b: &[u8]) -> Result<Model, ModelError> {
-        let m: Model = serde_json::from_slice(b).map_err(|e| ModelError::Unreadable(e.to_string()))?;
+        let m: Model =
+            serde_json::from_slice(b).map_err(|e| ModelError::Unreadable(e.to_string()))?;
         m.validate()?;
         Ok(m)
     }
@@ -154,7 +170,10 @@ impl Model {
         seed: u64,
     ) -> Vec<(String, String)> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut order: Vec<&String> = candidates.iter().filter(|u| !exclude.contains(*u)).collect();
+        let mut order: Vec<&String> = candidates
+            .iter()
+            .filter(|u| !exclude.contains(*u))
+            .collect();
         order.sort();
         order.shuffle(&mut rng);
         order.truncate(n);
@@ -206,7 +225,13 @@ mod tests {
         let mut arms = BTreeMap::new();
         arms.entry("c".to_string())
             .or_insert_with(BTreeMap::new)
-            .insert("a".to_string(), Arm { sends: 10, clicks: 2 });
+            .insert(
+                "a".to_string(),
+                Arm {
+                    sends: 10,
+                    clicks: 2,
+                },
+            );
         let m = Model::new(1, 5, arms);
         m.validate().unwrap();
         let back = Model::from_bytes(&m.to_bytes()).unwrap();
@@ -217,16 +242,37 @@ mod tests {
         let mut arms = BTreeMap::new();
         arms.entry("c".to_string())
             .or_insert_with(BTreeMap::new)
-            .insert("a".to_string(), Arm { sends: 1, clicks: 2 });
-        assert!(matches!(Model::new(2, 0, arms).validate(), Err(ModelError::Invalid(_))));
+            .insert(
+                "a".to_string(),
+                Arm {
+                    sends: 1,
+                    clicks: 2,
+                },
+            );
+        assert!(matches!(
+            Model::new(2, 0, arms).validate(),
+            Err(ModelError::Invalid(_))
+        ));
     }
 
     #[test]
     fn selection_is_deterministic_excludes_and_prefers_the_better_arm() {
         let mut arms = BTreeMap::new();
         let c = arms.entry("c".to_string()).or_insert_with(BTreeMap::new);
-        c.insert("good".to_string(), Arm { sends: 1000, clicks: 300 });
-        c.insert("bad".to_string(), Arm { sends: 1000, clicks: 10 });
+        c.insert(
+            "good".to_string(),
+            Arm {
+                sends: 1000,
+                clicks: 300,
+            },
+        );
+        c.insert(
+            "bad".to_string(),
+            Arm {
+                sends: 1000,
+                clicks: 10,
+            },
+        );
         let m = Model::new(1, 0, arms);
         let creatives = vec!["good".to_string(), "bad".to_string()];
         let all = users(500);

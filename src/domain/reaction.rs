@@ -64,8 +64,8 @@ pub fn parse_reaction(value: Option<&[u8]>) -> Result<Reaction, String> {
     let creative_id = s("creative_id")?;
     let user_id = s("user_id")?;
     let action_s = s("action")?;
-    let action =
-        Action::parse(&action_s).ok_or_else(|| format!("invalid: action {action_s:?} is unknown"))?;
+    let action = Action::parse(&action_s)
+        .ok_or_else(|| format!("invalid: action {action_s:?} is unknown"))?;
     let ts = match obj.get("ts") {
         Some(Value::Number(n)) => n
             .as_i64()

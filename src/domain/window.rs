@@ -214,7 +214,10 @@ impl WindowEngine {
         match self.counts.get_mut(&key) {
             Some(c) => *c += by,
             None => {
-                self.by_end.entry(key.end()).or_default().insert(key.clone());
+                self.by_end
+                    .entry(key.end())
+                    .or_default()
+                    .insert(key.clone());
                 self.counts.insert(key.clone(), by);
             }
         }
@@ -273,13 +276,20 @@ impl WindowEngine {
         changes.sort_by(|a, b| a.0.cmp(&b.0));
         let mut finals = std::mem::take(&mut self.finals);
         finals.sort_by(|a, b| {
-            (a.window_start, a.window, &a.campaign_id, &a.creative_id, a.action).cmp(&(
-                b.window_start,
-                b.window,
-                &b.campaign_id,
-                &b.creative_id,
-                b.action,
-            ))
+            (
+                a.window_start,
+                a.window,
+                &a.campaign_id,
+                &a.creative_id,
+                a.action,
+            )
+                .cmp(&(
+                    b.window_start,
+                    b.window,
+                    &b.campaign_id,
+                    &b.creative_id,
+                    b.action,
+                ))
         });
         (changes, finals)
     }
@@ -293,7 +303,10 @@ impl WindowEngine {
             }
         }
         if let Some(c) = count {
-            self.by_end.entry(key.end()).or_default().insert(key.clone());
+            self.by_end
+                .entry(key.end())
+                .or_default()
+                .insert(key.clone());
             self.counts.insert(key, c);
         }
     }
@@ -327,10 +340,18 @@ mod tests {
 
     #[test]
     fn hopping_starts() {
-        let v: Vec<i64> = WindowKind::Hopping5m1m.starts_for(5 * MINUTE_MS + 5).collect();
+        let v: Vec<i64> = WindowKind::Hopping5m1m
+            .starts_for(5 * MINUTE_MS + 5)
+            .collect();
         assert_eq!(
             v,
-            vec![MINUTE_MS, 2 * MINUTE_MS, 3 * MINUTE_MS, 4 * MINUTE_MS, 5 * MINUTE_MS]
+            vec![
+                MINUTE_MS,
+                2 * MINUTE_MS,
+                3 * MINUTE_MS,
+                4 * MINUTE_MS,
+                5 * MINUTE_MS
+            ]
         );
         let v: Vec<i64> = WindowKind::Hopping5m1m.starts_for(5).collect();
         assert_eq!(v, vec![0]);

@@ -202,7 +202,11 @@ mod tests {
         for (i, d) in dues.iter().enumerate() {
             q.publish(&job(i as u64, *d)).await.unwrap();
         }
-        assert!(q.next_due(Duration::from_millis(20)).await.unwrap().is_none());
+        assert!(q
+            .next_due(Duration::from_millis(20))
+            .await
+            .unwrap()
+            .is_none());
         clock.set(10_000);
         let mut got = Vec::new();
         while let Some(d) = q.next_due(Duration::from_millis(20)).await.unwrap() {
@@ -241,22 +245,42 @@ mod tests {
             let q = EmbeddedDelayQueue::open(&db, "t", clock.clone()).unwrap();
             q.publish(&job(1, 10)).await.unwrap();
             q.publish(&job(2, 20)).await.unwrap();
-            let d = q.next_due(Duration::from_millis(10)).await.unwrap().unwrap();
+            let d = q
+                .next_due(Duration::from_millis(10))
+                .await
+                .unwrap()
+                .unwrap();
             q.ack(d.tag).await.unwrap();
-            let d2 = q.next_due(Duration::from_millis(10)).await.unwrap().unwrap();
+            let d2 = q
+                .next_due(Duration::from_millis(10))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(d2.job.batch, 2);
             db.flush().unwrap();
             // "crash" holding d2 unacked
         }
         let db = sled::open(dir.path()).unwrap();
         let q = EmbeddedDelayQueue::open(&db, "t", clock).unwrap();
-        let d = q.next_due(Duration::from_millis(10)).await.unwrap().unwrap();
+        let d = q
+            .next_due(Duration::from_millis(10))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(d.job.batch, 2);
         assert!(d.redelivered);
         q.requeue(d.tag).await.unwrap();
-        let d = q.next_due(Duration::from_millis(10)).await.unwrap().unwrap();
+        let d = q
+            .next_due(Duration::from_millis(10))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(d.job.batch, 2);
         q.ack(d.tag).await.unwrap();
-        assert!(q.next_due(Duration::from_millis(10)).await.unwrap().is_none());
+        assert!(q
+            .next_due(Duration::from_millis(10))
+            .await
+            .unwrap()
+            .is_none());
     }
 }

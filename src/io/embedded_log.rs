@@ -3,12 +3,12 @@
 //! Records and committed offsets share the tree so one `apply_batch` makes a
 //! transaction atomic; every write is flushed before it is acknowledged.
 
+use crate::clock::system_now_ms;
 use crate::domain::partition::partition_for;
 use crate::io::{
-    EventLog, IoError, OffsetCommit, OutRecord, PartitionReader, Record, TopicSpec, Txn,
-    TxnWriter, Written,
+    EventLog, IoError, OffsetCommit, OutRecord, PartitionReader, Record, TopicSpec, Txn, TxnWriter,
+    Written,
 };
-use crate::clock::system_now_ms;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -442,7 +442,11 @@ mod tests {
         let recs = r.next_batch(10, Duration::from_millis(10)).await.unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].value.as_deref(), Some(&b"v2"[..]));
-        assert!(r.next_batch(10, Duration::from_millis(10)).await.unwrap().is_empty());
+        assert!(r
+            .next_batch(10, Duration::from_millis(10))
+            .await
+            .unwrap()
+            .is_empty());
         let mut rb = log.reader("b", partition_for(b"x", 1), 0);
         let tomb = rb.next_batch(10, Duration::from_millis(10)).await.unwrap();
         assert_eq!(tomb[0].value, None);

@@ -55,7 +55,10 @@ fn bad_field(e: crate::domain::campaign::FieldError) -> ApiError {
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "request failed");
-    err(StatusCode::SERVICE_UNAVAILABLE, format!("temporarily unavailable: {e}"))
+    err(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("temporarily unavailable: {e}"),
+    )
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -72,7 +75,10 @@ fn gen_id() -> String {
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            err(StatusCode::PAYLOAD_TOO_LARGE, "body: larger than http.max_body_bytes")
+            err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body: larger than http.max_body_bytes",
+            )
         } else {
             err(r.status(), format!("body: {}", r.body_text()))
         }
@@ -100,7 +106,10 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     if given == Some(token.as_str()) {
         Ok(())
     } else {
-        Err(err(StatusCode::UNAUTHORIZED, "authorization: bearer token required"))
+        Err(err(
+            StatusCode::UNAUTHORIZED,
+            "authorization: bearer token required",
+        ))
     }
 }
 
@@ -126,7 +135,10 @@ async fn submit(app: &App, cmd: Command, include_campaign: bool) -> ApiResult {
         .map_err(internal)?
         .and_then(|c| c.status);
     if status.is_none() && !matches!(cmd.kind, CommandKind::Create { .. }) {
-        return Err(err(StatusCode::NOT_FOUND, format!("campaign {} is unknown", cmd.campaign_id)));
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            format!("campaign {} is unknown", cmd.campaign_id),
+        ));
     }
     if let Err(reason) = check_transition(status, &cmd.kind) {
         return Err(ApiError(
@@ -136,7 +148,11 @@ async fn submit(app: &App, cmd: Command, include_campaign: bool) -> ApiResult {
     }
     let value = serde_json::to_vec(&cmd).expect("serialisable");
     ctx.log
-        .publish(vec![OutRecord::keyed(&ctx.topics.commands, cmd.campaign_id.clone(), Some(value))])
+        .publish(vec![OutRecord::keyed(
+            &ctx.topics.commands,
+            cmd.campaign_id.clone(),
+            Some(value),
+        )])
         .await
         .map_err(internal)?;
     ctx.read_model
@@ -156,7 +172,13 @@ async fn create_campaign(
     submit(&app, cmd, true).await
 }
 
-async fn simple_command(app: App, headers: HeaderMap, id: String, body: Result<Bytes, BytesRejection>, kind: CommandKind) -> ApiResult {
+async fn simple_command(
+    app: App,
+    headers: HeaderMap,
+    id: String,
+    body: Result<Bytes, BytesRejection>,
+    kind: CommandKind,
+) -> ApiResult {
     authorize(&app, &headers)?;
     let bytes = body_bytes(body)?;
     let v = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
@@ -168,19 +190,39 @@ async fn simple_command(app: App, headers: HeaderMap, id: String, body: Result<B
     submit(&app, cmd, false).await
 }
 
-async fn pause(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn pause(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     simple_command(app, headers, id, body, CommandKind::Pause).await
 }
 
-async fn resume(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn resume(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     simple_command(app, headers, id, body, CommandKind::Resume).await
 }
 
-async fn cancel(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn cancel(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     simple_command(app, headers, id, body, CommandKind::Cancel).await
 }
 
-async fn set_budget(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn set_budget(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     authorize(&app, &headers)?;
     let v = parse_json(&body_bytes(body)?)?;
     let cmd = parse_budget(&v, &id, gen_id).map_err(bad_field)?;
@@ -208,7 +250,11 @@ pub fn campaign_json(c: &CampaignState) -> Value {
 
 async fn list_campaigns(State(app): State<App>) -> ApiResult {
     let all = app.ctx.read_model.campaigns().map_err(internal)?;
-    let list: Vec<Value> = all.iter().filter(|c| c.exists()).map(campaign_json).collect();
+    let list: Vec<Value> = all
+        .iter()
+        .filter(|c| c.exists())
+        .map(campaign_json)
+        .collect();
     ok(StatusCode::OK, json!({ "campaigns": list }))
 }
 
@@ -232,7 +278,10 @@ pub fn report_json(ctx: &SharedCtx, c: &CampaignState) -> Result<Value, crate::i
     let windows = ctx.reports.windows(&c.campaign_id)?;
     let mut totals: BTreeMap<(String, Action), u64> = BTreeMap::new();
     let mut series: BTreeMap<(i64, String, Action), u64> = BTreeMap::new();
-    for w in windows.iter().filter(|w| w.window == WindowKind::Tumbling1m) {
+    for w in windows
+        .iter()
+        .filter(|w| w.window == WindowKind::Tumbling1m)
+    {
         *totals.entry((w.creative_id.clone(), w.action)).or_default() += w.count;
         *series
             .entry((w.window_start, w.creative_id.clone(), w.action))
@@ -271,40 +320,71 @@ async fn get_command(State(app): State<App>, Path(id): Path<String>) -> ApiResul
             StatusCode::OK,
             json!({"command_id": c.command_id, "campaign_id": c.campaign_id, "status": c.status, "reason": c.reason}),
         ),
-        None => Err(err(StatusCode::NOT_FOUND, format!("command {id} is unknown"))),
+        None => Err(err(
+            StatusCode::NOT_FOUND,
+            format!("command {id} is unknown"),
+        )),
     }
 }
 
 /// Validate an NDJSON subscriber body: every line or a 400 naming the first bad one.
-pub fn parse_subscribers(channel: &str, body: &[u8]) -> Result<Vec<(String, Value)>, (String, String)> {
-    let text = std::str::from_utf8(body).map_err(|_| ("body".to_string(), "body: not UTF-8".to_string()))?;
+pub fn parse_subscribers(
+    channel: &str,
+    body: &[u8],
+) -> Result<Vec<(String, Value)>, (String, String)> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ("body".to_string(), "body: not UTF-8".to_string()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| (format!("line {n}"), format!("line {n}: malformed JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| (format!("line {n}"), format!("line {n}: must be a JSON object")))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| {
+            (
+                format!("line {n}"),
+                format!("line {n}: malformed JSON: {e}"),
+            )
+        })?;
+        let obj = v.as_object().ok_or_else(|| {
+            (
+                format!("line {n}"),
+                format!("line {n}: must be a JSON object"),
+            )
+        })?;
         let user = match obj.get("user_id") {
             Some(Value::String(s)) => s.clone(),
-            _ => return Err(("user_id".into(), format!("line {n}: user_id: is required (a string)"))),
+            _ => {
+                return Err((
+                    "user_id".into(),
+                    format!("line {n}: user_id: is required (a string)"),
+                ))
+            }
         };
-        valid_id("user_id", &user).map_err(|e| ("user_id".to_string(), format!("line {n}: {e}")))?;
+        valid_id("user_id", &user)
+            .map_err(|e| ("user_id".to_string(), format!("line {n}: {e}")))?;
         if user.contains('/') {
-            return Err(("user_id".into(), format!("line {n}: user_id: must not contain '/'")));
+            return Err((
+                "user_id".into(),
+                format!("line {n}: user_id: must not contain '/'"),
+            ));
         }
         let features = match obj.get("features") {
             None | Some(Value::Null) => serde_json::Map::new(),
             Some(Value::Object(f)) => f.clone(),
-            Some(_) => return Err(("features".into(), format!("line {n}: features: must be an object"))),
+            Some(_) => {
+                return Err((
+                    "features".into(),
+                    format!("line {n}: features: must be an object"),
+                ))
+            }
         };
         for (k, fv) in &features {
             if !fv.is_number() {
-                return Err((format!("features.{k}"), format!("line {n}: features.{k}: must be a number")));
+                return Err((
+                    format!("features.{k}"),
+                    format!("line {n}: features.{k}: must be a number"),
+                ));
             }
         }
         out.push((
@@ -330,15 +410,23 @@ async fn put_subscribers(
         ));
     }
     let bytes = body_bytes(body)?;
-    let subs = parse_subscribers(&channel, &bytes)
-        .map_err(|(field, msg)| ApiError(StatusCode::BAD_REQUEST, json!({"error": msg, "field": field})))?;
+    let subs = parse_subscribers(&channel, &bytes).map_err(|(field, msg)| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            json!({"error": msg, "field": field}),
+        )
+    })?;
     let count = subs.len();
     let topic = app.ctx.topics.subscribers.clone();
     for chunk in subs.chunks(10_000) {
         let records = chunk
             .iter()
             .map(|(user, v)| {
-                OutRecord::keyed(&topic, format!("{channel}/{user}"), Some(serde_json::to_vec(v).expect("serialisable")))
+                OutRecord::keyed(
+                    &topic,
+                    format!("{channel}/{user}"),
+                    Some(serde_json::to_vec(v).expect("serialisable")),
+                )
             })
             .collect();
         app.ctx.log.publish(records).await.map_err(internal)?;
@@ -356,7 +444,10 @@ async fn get_model(State(app): State<App>) -> ApiResult {
 
 async fn metrics_text(State(app): State<App>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         app.metrics.render(),
     )
         .into_response()

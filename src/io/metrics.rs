@@ -14,7 +14,9 @@ pub fn install() -> PrometheusHandle {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("smartmsg_job_lateness_seconds".into()),
-                    &[0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    &[
+                        0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
                 )
                 .expect("valid buckets")
                 .set_buckets(&[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0])
@@ -29,19 +31,54 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("smartmsg_actor_restarts_total", "Actor restarts by supervisors, by actor kind.");
-    describe_counter!("smartmsg_actor_escalations_total", "Supervisors that gave up and escalated, by kind.");
-    describe_counter!("smartmsg_commands_total", "Campaign commands applied or rejected.");
+    describe_counter!(
+        "smartmsg_actor_restarts_total",
+        "Actor restarts by supervisors, by actor kind."
+    );
+    describe_counter!(
+        "smartmsg_actor_escalations_total",
+        "Supervisors that gave up and escalated, by kind."
+    );
+    describe_counter!(
+        "smartmsg_commands_total",
+        "Campaign commands applied or rejected."
+    );
     describe_counter!("smartmsg_batches_executed_total", "Mini-batches executed.");
     describe_counter!("smartmsg_messages_sent_total", "Outbound messages written.");
-    describe_counter!("smartmsg_events_aggregated_total", "Reaction events counted in windows.");
-    describe_counter!("smartmsg_dlq_records_total", "Records dead-lettered, by reason class.");
-    describe_histogram!("smartmsg_job_lateness_seconds", Unit::Seconds, "How late batch jobs fired.");
+    describe_counter!(
+        "smartmsg_events_aggregated_total",
+        "Reaction events counted in windows."
+    );
+    describe_counter!(
+        "smartmsg_dlq_records_total",
+        "Records dead-lettered, by reason class."
+    );
+    describe_histogram!(
+        "smartmsg_job_lateness_seconds",
+        Unit::Seconds,
+        "How late batch jobs fired."
+    );
     describe_gauge!("smartmsg_model_version", "Model version in use.");
-    describe_counter!("smartmsg_model_swaps_total", "Model swap attempts by result.");
-    describe_counter!("smartmsg_jobs_scheduled_total", "Batch jobs published to the delay queue.");
+    describe_counter!(
+        "smartmsg_model_swaps_total",
+        "Model swap attempts by result."
+    );
+    describe_counter!(
+        "smartmsg_jobs_scheduled_total",
+        "Batch jobs published to the delay queue."
+    );
     describe_counter!("smartmsg_jobs_fired_total", "Batch jobs that came due.");
-    describe_counter!("smartmsg_jobs_redelivered_total", "Batch jobs delivered again after a failure.");
-    describe_histogram!("smartmsg_aggregator_restore_seconds", Unit::Seconds, "Aggregator state restore time.");
-    describe_counter!("smartmsg_http_requests_total", "HTTP requests by route and status class.");
+    describe_counter!(
+        "smartmsg_jobs_redelivered_total",
+        "Batch jobs delivered again after a failure."
+    );
+    describe_histogram!(
+        "smartmsg_aggregator_restore_seconds",
+        Unit::Seconds,
+        "Aggregator state restore time."
+    );
+    describe_counter!(
+        "smartmsg_http_requests_total",
+        "HTTP requests by route and status class."
+    );
 }

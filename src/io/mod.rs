@@ -61,7 +61,9 @@ pub fn payload_text(payload: Option<&[u8]>) -> serde_json::Value {
         None => serde_json::Value::Null,
         Some(b) => match std::str::from_utf8(b) {
             Ok(s) => serde_json::Value::String(s.to_string()),
-            Err(_) => serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+            Err(_) => {
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b))
+            }
         },
     }
 }
@@ -161,8 +163,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// A transactional writer for `transactional_id` (fences older ones).
     async fn txn_writer(&self, transactional_id: &str) -> Result<Arc<dyn TxnWriter>, IoError>;
     /// The committed offset of `group` on a partition (next record to read).
-    async fn committed(&self, group: &str, topic: &str, partition: u32)
-        -> Result<Option<u64>, IoError>;
+    async fn committed(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, IoError>;
     /// A reader positioned at `from`.
     fn reader(&self, topic: &str, partition: u32, from: u64) -> Box<dyn PartitionReader>;
     /// Whether the backend is usable (for `/readyz`).

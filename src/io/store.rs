@@ -184,9 +184,11 @@ impl ReadModelStore {
             status: "pending".into(),
             reason: None,
         };
-        let _ = self
-            .tree
-            .compare_and_swap(command_key(command_id), None as Option<&[u8]>, Some(json(&view)))?;
+        let _ = self.tree.compare_and_swap(
+            command_key(command_id),
+            None as Option<&[u8]>,
+            Some(json(&view)),
+        )?;
         Ok(())
     }
 }
@@ -359,7 +361,8 @@ impl TrainerStore {
             let rest = &k[2..];
             let sep = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
             let campaign = String::from_utf8_lossy(&rest[..sep]).to_string();
-            let creative = String::from_utf8_lossy(rest.get(sep + 1..).unwrap_or_default()).to_string();
+            let creative =
+                String::from_utf8_lossy(rest.get(sep + 1..).unwrap_or_default()).to_string();
             out.entry(campaign)
                 .or_default()
                 .insert(creative, from_json(&v, "arm")?);
@@ -406,6 +409,9 @@ pub struct AggProgress {
     pub changelog_offset: u64,
 }
 
+/// Open windows with their counts, and the progress they reflect.
+pub type AggSnapshot = (Vec<(WindowKey, u64)>, AggProgress);
+
 /// An aggregator's local window state for one input partition.
 #[derive(Clone)]
 pub struct AggStateStore {
@@ -420,7 +426,7 @@ impl AggStateStore {
     }
 
     /// The stored windows and progress, if any state exists.
-    pub fn load(&self) -> Result<Option<(Vec<(WindowKey, u64)>, AggProgress)>, IoError> {
+    pub fn load(&self) -> Result<Option<AggSnapshot>, IoError> {
         let Some(meta) = self.tree.get(b"m")? else {
             return Ok(None);
         };
@@ -510,7 +516,8 @@ mod tests {
                 assignments,
             },
         );
-        rm.apply_events("t", 0, &[created.clone(), exec.clone()], 2).unwrap();
+        rm.apply_events("t", 0, &[created.clone(), exec.clone()], 2)
+            .unwrap();
         // The same records again (an aborted transaction replayed) change nothing.
         rm.apply_events("t", 0, &[created, exec], 4).unwrap();
         let s = rm.campaign("c").unwrap().unwrap();

@@ -178,7 +178,10 @@ mod tests {
     fn escalates_when_intensity_exceeded_and_forgets_old_failures() {
         let mut t = RestartTracker::new(policy(3));
         for i in 0..3 {
-            assert!(matches!(t.on_failure(i * 1000, 0.5), Decision::Restart { .. }));
+            assert!(matches!(
+                t.on_failure(i * 1000, 0.5),
+                Decision::Restart { .. }
+            ));
         }
         assert_eq!(t.on_failure(3000, 0.5), Decision::Escalate { restarts: 3 });
         // Outside the 10 s period the old restarts no longer count.

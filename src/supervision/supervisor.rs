@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Starts one child linked to the given supervisor cell.
-pub type StartFn =
-    Arc<dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>> + Send + Sync>;
+pub type StartFn = Arc<
+    dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>> + Send + Sync,
+>;
 
 /// How to (re)start one child.
 #[derive(Clone)]
@@ -149,7 +150,10 @@ impl SupervisorActor {
                 for &i in affected.iter().rev() {
                     if let Some(c) = state.slots[i].cell.take() {
                         let _ = c
-                            .stop_and_wait(Some("sibling restart".into()), Some(Duration::from_secs(10)))
+                            .stop_and_wait(
+                                Some("sibling restart".into()),
+                                Some(Duration::from_secs(10)),
+                            )
                             .await;
                     }
                 }
@@ -194,7 +198,9 @@ impl Actor for SupervisorActor {
                         c.stop(None);
                     }
                 }
-                return Err(format!("{}: starting {}: {e}", state.kind, state.slots[i].spec.name).into());
+                return Err(
+                    format!("{}: starting {}: {e}", state.kind, state.slots[i].spec.name).into(),
+                );
             }
         }
         Ok(state)
@@ -209,7 +215,10 @@ impl Actor for SupervisorActor {
         for slot in state.slots.iter_mut().rev() {
             if let Some(c) = slot.cell.take() {
                 let _ = c
-                    .stop_and_wait(Some("supervisor stopping".into()), Some(Duration::from_secs(30)))
+                    .stop_and_wait(
+                        Some("supervisor stopping".into()),
+                        Some(Duration::from_secs(30)),
+                    )
                     .await;
             }
         }
@@ -233,7 +242,9 @@ impl Actor for SupervisorActor {
                     }
                     if let Err(e) = start_slot(&mut state.slots[i], myself.get_cell()).await {
                         // A failed start counts as a failure of that child.
-                        return self.child_down(&myself, state, i, format!("start failed: {e}")).await;
+                        return self
+                            .child_down(&myself, state, i, format!("start failed: {e}"))
+                            .await;
                     }
                     tracing::info!(supervisor = %state.kind, child = %name, "child restarted");
                 }
@@ -245,7 +256,9 @@ impl Actor for SupervisorActor {
                 state.slots.push(Slot { spec, cell: None });
                 let i = state.slots.len() - 1;
                 if let Err(e) = start_slot(&mut state.slots[i], myself.get_cell()).await {
-                    return self.child_down(&myself, state, i, format!("start failed: {e}")).await;
+                    return self
+                        .child_down(&myself, state, i, format!("start failed: {e}"))
+                        .await;
                 }
             }
             SupervisorMsg::RemoveChild(name, reply) => {
@@ -318,7 +331,10 @@ pub async fn start_supervisor(
 }
 
 /// A child spec for a nested supervisor.
-pub fn supervisor_child(name: &str, make: impl Fn() -> SupervisorArgs + Send + Sync + 'static) -> ChildSpec {
+pub fn supervisor_child(
+    name: &str,
+    make: impl Fn() -> SupervisorArgs + Send + Sync + 'static,
+) -> ChildSpec {
     let kind = name.to_string();
     ChildSpec::new(name, kind, move || (SupervisorActor, make()))
 }

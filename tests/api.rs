@@ -1,0 +1,563 @@
+//! The HTTP API of an in-process node on the embedded backends: the whole
+//! campaign loop end to end, reactions into reports, and every error code.
+
+mod common;
+
+use common::{client, eventually, now_ms, subscribers_ndjson};
+use serde_json::{json, Value};
+use smartmsg::clock::SystemClock;
+use smartmsg::config::Config;
+use smartmsg::io::OutRecord;
+use smartmsg::node::Node;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn start(
+    node_id: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> (Node, String, tempfile::TempDir) {
+    start_with_clock(node_id, Arc::new(SystemClock), tweak).await
+}
+
+async fn start_with_clock(
+    node_id: &str,
+    clock: smartmsg::clock::SharedClock,
+    tweak: impl FnOnce(&mut Config),
+) -> (Node, String, tempfile::TempDir) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::defaults();
+    cfg.node.id = node_id.into();
+    cfg.storage.data_dir = dir.path().to_path_buf();
+    cfg.http.listen = "127.0.0.1:0".into();
+    cfg.kafka.partitions = 4;
+    cfg.model.retrain_interval_ms = 100;
+    tweak(&mut cfg);
+    let node = Node::start(cfg, clock, true).await.unwrap();
+    let base = format!("http://{}", node.http_addr.unwrap());
+    (node, base, dir)
+}
+
+async fn status_of(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.get(url).send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+fn campaign_body(id: &str, budget: u64, batches: i64) -> Value {
+    let start = now_ms() + 300;
+    json!({
+        "campaign_id": id,
+        "channel_id": "ch1",
+        "creatives": [{"creative_id": "a", "text": "A"}, {"creative_id": "b", "text": "B"}],
+        "budget": budget,
+        "start_at": start,
+        "end_at": start + batches * 1000,
+        "batch_interval_secs": 1
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_runs_end_to_end_through_the_api() {
+    let (node, base, _dir) = start("api-e2e", |_| {}).await;
+    let c = client();
+    assert_eq!(
+        c.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    eventually("ready", Duration::from_secs(10), || async {
+        (c.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200)
+            .then_some(())
+    })
+    .await;
+
+    let r = c
+        .put(format!("{base}/v1/channels/ch1/subscribers"))
+        .body(subscribers_ndjson(300))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.unwrap()["count"], 300);
+    eventually(
+        "subscribers materialised",
+        Duration::from_secs(10),
+        || async { (node.ctx.subscribers.count("ch1") == 300).then_some(()) },
+    )
+    .await;
+
+    let mut body = campaign_body("camp-1", 90, 3);
+    body["command_id"] = json!("create-1");
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"command_id": "create-1", "campaign_id": "camp-1"})
+    );
+
+    let cmd = eventually("create applied", Duration::from_secs(10), || async {
+        let (s, v) = status_of(&c, &format!("{base}/v1/commands/create-1")).await;
+        (s == 200 && v["status"] == "applied").then_some(v)
+    })
+    .await;
+    assert_eq!(cmd["campaign_id"], "camp-1");
+
+    // A repeated command id is answered with the first outcome, not re-applied.
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.unwrap()["command_id"], "create-1");
+    // The same campaign id under a new command id conflicts.
+    let mut again = body.clone();
+    again["command_id"] = json!("create-2");
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .json(&again)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json::<Value>().await.unwrap()["command_id"], "create-2");
+
+    let done = eventually("campaign completed", Duration::from_secs(20), || async {
+        let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/camp-1")).await;
+        (v["status"] == "completed").then_some(v)
+    })
+    .await;
+    assert_eq!(done["messages_sent"], 90);
+    assert_eq!(done["batches_done"], 3);
+    assert_eq!(done["batches_total"], 3);
+    assert_eq!(done["budget"], 90);
+    assert_eq!(done["creatives"].as_array().unwrap().len(), 2);
+
+    let (s, list) = status_of(&c, &format!("{base}/v1/campaigns")).await;
+    assert_eq!(s, 200);
+    assert_eq!(list["campaigns"].as_array().unwrap().len(), 1);
+
+    let (s, report) = status_of(&c, &format!("{base}/v1/campaigns/camp-1/report")).await;
+    assert_eq!(s, 200);
+    let sends: u64 = report["creatives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["sends"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sends, 90);
+
+    // A completed campaign cannot be paused: 409 against the read model.
+    let r = c
+        .post(format!("{base}/v1/campaigns/camp-1/pause"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.json::<Value>().await.unwrap()["command_id"].is_string());
+
+    let metrics = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "smartmsg_batches_executed_total",
+        "smartmsg_messages_sent_total",
+        "smartmsg_commands_total",
+        "smartmsg_job_lateness_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    let (s, model) = status_of(&c, &format!("{base}/v1/model")).await;
+    assert_eq!(s, 200);
+    assert!(model["version"].is_u64());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_cancel_and_budget() {
+    let (node, base, _dir) = start("api-lifecycle", |_| {}).await;
+    let c = client();
+    c.put(format!("{base}/v1/channels/ch1/subscribers"))
+        .body(subscribers_ndjson(100))
+        .send()
+        .await
+        .unwrap();
+    // Far in the future: stays scheduled.
+    let start = now_ms() + 3_600_000;
+    let body = json!({"campaign_id": "later", "channel_id": "ch1",
+        "creatives": [{"creative_id": "a", "text": "A"}], "budget": 10,
+        "start_at": start, "end_at": start + 10_000, "batch_interval_secs": 1});
+    assert_eq!(
+        c.post(format!("{base}/v1/campaigns"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    eventually("created", Duration::from_secs(10), || async {
+        let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/later")).await;
+        (v["status"] == "scheduled").then_some(())
+    })
+    .await;
+    let r = c
+        .post(format!("{base}/v1/campaigns/later/pause"))
+        .json(&json!({"command_id": "p1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"command_id": "p1"})
+    );
+    eventually("paused", Duration::from_secs(10), || async {
+        let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/later")).await;
+        (v["status"] == "paused").then_some(())
+    })
+    .await;
+    // Pausing twice is refused by the read model.
+    assert_eq!(
+        c.post(format!("{base}/v1/campaigns/later/pause"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
+    assert_eq!(
+        c.post(format!("{base}/v1/campaigns/later/resume"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    eventually("resumed", Duration::from_secs(10), || async {
+        let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/later")).await;
+        (v["status"] == "scheduled").then_some(())
+    })
+    .await;
+    let r = c
+        .put(format!("{base}/v1/campaigns/later/budget"))
+        .json(&json!({"budget": 25, "command_id": "b1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    eventually("budget set", Duration::from_secs(10), || async {
+        let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/later")).await;
+        (v["budget"] == 25).then_some(())
+    })
+    .await;
+    assert_eq!(
+        c.post(format!("{base}/v1/campaigns/later/cancel"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    eventually("cancelled", Duration::from_secs(10), || async {
+        let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/later")).await;
+        (v["status"] == "cancelled").then_some(())
+    })
+    .await;
+    assert_eq!(
+        c.post(format!("{base}/v1/campaigns/later/resume"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let (node, base, _dir) = start("api-errors", |c| c.http.max_body_bytes = 4096).await;
+    let c = client();
+    let post = |body: String| {
+        let c = c.clone();
+        let url = format!("{base}/v1/campaigns");
+        async move {
+            let r = c
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, v) = post("{not json".into()).await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("body")));
+    assert!(v["error"].as_str().unwrap().contains("malformed"));
+    let mut body = campaign_body("x", 10, 2);
+    body.as_object_mut().unwrap().remove("channel_id");
+    let (s, v) = post(body.to_string()).await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("channel_id")));
+    let mut body = campaign_body("x", 10, 2);
+    body["creatives"] = json!([]);
+    let (s, v) = post(body.to_string()).await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("creatives")));
+    let mut body = campaign_body("x", 10, 2);
+    body["budget"] = json!(-3);
+    let (s, v) = post(body.to_string()).await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("budget")));
+    let mut body = campaign_body("x", 10, 2);
+    body["end_at"] = body["start_at"].clone();
+    let (s, v) = post(body.to_string()).await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("end_at")));
+    // Too large.
+    let (s, v) = post(format!("{{\"pad\":\"{}\"}}", "x".repeat(5000))).await;
+    assert_eq!(s, 413);
+    assert!(v["error"].is_string());
+    // Unknown things.
+    let (s, _) = status_of(&c, &format!("{base}/v1/campaigns/nope")).await;
+    assert_eq!(s, 404);
+    let (s, _) = status_of(&c, &format!("{base}/v1/commands/nope")).await;
+    assert_eq!(s, 404);
+    assert_eq!(
+        c.post(format!("{base}/v1/campaigns/nope/pause"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let (s, _) = status_of(&c, &format!("{base}/v1/nothing")).await;
+    assert_eq!(s, 404);
+    // Bad budget body.
+    let r = c
+        .put(format!("{base}/v1/campaigns/nope/budget"))
+        .json(&json!({"budget": "lots"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["field"], "budget");
+    // Bad subscribers line, nothing written.
+    let r = c
+        .put(format!("{base}/v1/channels/ch1/subscribers"))
+        .body("{\"user_id\":\"u1\"}\n{\"user_id\":\"u2\",\"features\":{\"age\":\"old\"}}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["field"], "features.age");
+    assert!(v["error"].as_str().unwrap().starts_with("line 2"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(node.ctx.subscribers.count("ch1"), 0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_endpoints_need_the_bearer_token() {
+    let (node, base, _dir) = start("api-auth", |c| c.http.auth_token = "s3cret".into()).await;
+    let c = client();
+    let body = campaign_body("authz", 10, 2);
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth("s3cret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Reads and health stay open.
+    assert_eq!(
+        c.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{base}/v1/campaigns"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reactions_become_report_windows_and_bad_ones_are_dead_lettered() {
+    // Event time is driven by a manual clock: windows close only when told.
+    let t0: i64 = 1_800_000_000_000 / 60_000 * 60_000;
+    let clock = smartmsg::clock::ManualClock::new(t0 + 10_000);
+    let (node, base, _dir) = start_with_clock("api-report", Arc::new(clock.clone()), |c| {
+        c.aggregator.grace_ms = 1_000;
+        c.aggregator.idle_close_ms = 200;
+    })
+    .await;
+    let c = client();
+    let body = json!({"campaign_id": "rep", "channel_id": "ch1",
+        "creatives": [{"creative_id": "a", "text": "A"}, {"creative_id": "b", "text": "B"}],
+        "budget": 20, "start_at": t0 + 3_600_000, "end_at": t0 + 3_700_000, "batch_interval_secs": 10});
+    assert_eq!(
+        c.post(format!("{base}/v1/campaigns"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    eventually("created", Duration::from_secs(15), || async {
+        let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/rep")).await;
+        (v["status"] == "scheduled").then_some(())
+    })
+    .await;
+    // 3 impressions and 2 clicks of creative a in the first minute, 1 click
+    // of b in the second; plus junk.
+    let ev = |id: &str, cr: &str, user: &str, action: &str, ts: i64| {
+        let v = json!({"event_id": id, "campaign_id": "rep", "creative_id": cr, "user_id": user, "action": action, "ts": ts});
+        OutRecord::keyed(
+            &node.ctx.topics.reactions,
+            user.to_string(),
+            Some(v.to_string().into_bytes()),
+        )
+    };
+    let ctx = &node.ctx;
+    ctx.log
+        .publish(vec![
+            ev("e1", "a", "u1", "impression", t0 + 1_000),
+            ev("e2", "a", "u2", "impression", t0 + 2_000),
+            ev("e3", "a", "u3", "impression", t0 + 3_000),
+            ev("e4", "a", "u1", "click", t0 + 4_000),
+            ev("e5", "a", "u2", "click", t0 + 5_000),
+            ev("e6", "b", "u4", "click", t0 + 61_000),
+            OutRecord::keyed(&ctx.topics.reactions, "u9", Some(b"{broken".to_vec())),
+            OutRecord::keyed(&ctx.topics.reactions, "u9", None),
+        ])
+        .await
+        .unwrap();
+    // Let the aggregators count them, then move time past every window.
+    eventually("events counted", Duration::from_secs(10), || async {
+        let m = c
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        m.lines()
+            .any(|l| l.starts_with("smartmsg_events_aggregated_total") && l.ends_with(" 6"))
+            .then_some(())
+    })
+    .await;
+    clock.advance(10 * 60_000);
+    let report = eventually("windows in the report", Duration::from_secs(15), || async {
+        let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/rep/report")).await;
+        let total: u64 = v["series"]
+            .as_array()
+            .map(|a| a.iter().map(|w| w["count"].as_u64().unwrap()).sum())
+            .unwrap_or(0);
+        (total == 6).then_some(v)
+    })
+    .await;
+    let a = report["creatives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["creative_id"] == "a")
+        .unwrap()
+        .clone();
+    assert_eq!(a["impressions"], 3);
+    assert_eq!(a["clicks"], 2);
+    let series = report["series"].as_array().unwrap();
+    assert!(series
+        .contains(&json!({"window_start": t0, "creative_id": "a", "action": "click", "count": 2})));
+    assert!(series.contains(
+        &json!({"window_start": t0 + 60_000, "creative_id": "b", "action": "click", "count": 1})
+    ));
+    // The junk went to the DLQ with reasons, the partition kept going.
+    let mut dlq = Vec::new();
+    for p in 0..4 {
+        let mut r = ctx.log.reader(&ctx.topics.reactions_dlq, p, 0);
+        for rec in r.next_batch(100, Duration::ZERO).await.unwrap() {
+            dlq.push(serde_json::from_slice::<Value>(&rec.value.unwrap()).unwrap());
+        }
+    }
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    assert!(dlq.iter().any(
+        |d| d["reason"].as_str().unwrap().starts_with("malformed") && d["payload"] == "{broken"
+    ));
+    assert!(dlq
+        .iter()
+        .any(|d| d["reason"].as_str().unwrap().contains("null")));
+    // A late event (its window already emitted) is dead-lettered as late.
+    ctx.log
+        .publish(vec![ev("late1", "a", "u1", "click", t0 + 7_000)])
+        .await
+        .unwrap();
+    eventually(
+        "late event dead-lettered",
+        Duration::from_secs(10),
+        || async {
+            let mut n = 0;
+            for p in 0..4 {
+                let mut r = ctx.log.reader(&ctx.topics.reactions_dlq, p, 0);
+                for rec in r.next_batch(100, Duration::ZERO).await.unwrap() {
+                    let v: Value = serde_json::from_slice(&rec.value.unwrap()).unwrap();
+                    if v["reason"].as_str().unwrap().starts_with("late") {
+                        n += 1;
+                    }
+                }
+            }
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    node.shutdown().await;
+}

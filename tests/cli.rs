@@ -1,0 +1,113 @@
+//! The command line: `check-config` prints the effective config or every
+//! error at once; `run` refuses bad config with a one-line error.
+
+use std::process::Command;
+
+fn smartmsg() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_smartmsg"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SMARTMSG__") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn check_config_prints_the_effective_config() {
+    let out = smartmsg()
+        .arg("check-config")
+        .env("SMARTMSG__HTTP__LISTEN", "127.0.0.1:18080")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:18080\""), "{text}");
+    assert!(text.contains("[aggregator]"), "{text}");
+}
+
+#[test]
+fn check_config_reports_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[http]\nlisten = \"nowhere\"\nbogus = 1\n").unwrap();
+    let out = smartmsg()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .env("SMARTMSG__KAFKA__PARTITIONS", "eight")
+        .env("SMARTMSG__NOPE__KEY", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    for want in [
+        "http.bogus",
+        "SMARTMSG__KAFKA__PARTITIONS",
+        "nope.key",
+        "http.listen",
+    ] {
+        assert!(err.contains(want), "missing {want} in: {err}");
+    }
+}
+
+#[test]
+fn run_refuses_bad_config_in_one_line() {
+    let out = smartmsg()
+        .arg("run")
+        .env("SMARTMSG__BACKEND__KIND", "cloud")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("backend.kind"), "{err}");
+}
+
+#[test]
+fn shipped_config_files_are_valid() {
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = smartmsg()
+            .arg("check-config")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn demo_runs_a_campaign_and_prints_the_report() {
+    let out = smartmsg()
+        .args([
+            "demo",
+            "--subscribers",
+            "3000",
+            "--budget",
+            "900",
+            "--batches",
+            "6",
+            "--speed",
+            "120",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("== report: demo-campaign (900 messages"),
+        "{text}"
+    );
+    assert!(text.contains("batch  6/6"), "{text}");
+    assert!(text.contains("targeting vs random"), "{text}");
+}
