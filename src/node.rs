@@ -19,7 +19,8 @@ use crate::io::embedded_delay::EmbeddedDelayQueue;
 use crate::io::embedded_log::EmbeddedLog;
 use crate::io::store::{AggStateStore, ReadModelStore, ReportStore, SubscriberStore, TrainerStore};
 use crate::io::topics::Topics;
-use crate::io::{IoError, SharedLog, SharedQueue};
+use crate::io::{GroupMember, IoError, SharedLog, SharedQueue};
+use crate::supervision::partitions::{PartitionSupervisorActor, PartitionSupervisorArgs};
 use crate::supervision::{
     start_supervisor, ChildSpec, RestartPolicy, Strategy, SupervisorArgs, SupervisorMsg,
 };
@@ -89,37 +90,63 @@ fn policy(cfg: &Config, strategy: Strategy) -> RestartPolicy {
     RestartPolicy::from_config(strategy, &cfg.supervision)
 }
 
-fn materializers(ctx: &SharedCtx, projection: Arc<dyn Projection>) -> Vec<ChildSpec> {
-    (0..ctx.topics.partitions)
-        .map(|p| {
+fn materializer(ctx: &SharedCtx, projection: Arc<dyn Projection>) -> ChildSpec {
+    let ctx = ctx.clone();
+    ChildSpec::new(projection.kind(), "materializer", move || {
+        (
+            MaterializerActor,
+            MaterializerArgs {
+                ctx: ctx.clone(),
+                projection: projection.clone(),
+            },
+        )
+    })
+}
+
+/// A partition supervisor child: joins the consumer group of `topic` on
+/// every (re)start and runs one `child(member, partition)` per owned partition.
+fn partition_group(
+    ctx: &SharedCtx,
+    kind: &str,
+    topic: String,
+    child: impl Fn(Arc<dyn GroupMember>, u32) -> ChildSpec + Send + Sync + 'static,
+) -> ChildSpec {
+    let ctx = ctx.clone();
+    let kind_s = kind.to_string();
+    let child = Arc::new(child);
+    ChildSpec {
+        name: kind.to_string(),
+        kind: kind.to_string(),
+        restart: crate::supervision::RestartType::Permanent,
+        start: Arc::new(move |sup| {
             let ctx = ctx.clone();
-            let projection = projection.clone();
-            ChildSpec::new(
-                format!("{}-{p}", projection.kind()),
-                "materializer",
-                move || {
-                    (
-                        MaterializerActor,
-                        MaterializerArgs {
-                            ctx: ctx.clone(),
-                            partition: p,
-                            projection: projection.clone(),
-                        },
-                    )
-                },
-            )
-        })
-        .collect()
+            let kind = kind_s.clone();
+            let topic = topic.clone();
+            let child = child.clone();
+            Box::pin(async move {
+                let txn_id = format!("{}{kind}-{}", ctx.cfg.kafka.topic_prefix, ctx.node_id);
+                let member = ctx.log.join_group(ctx.group(), &topic, &txn_id).await?;
+                let m = member.clone();
+                let args = PartitionSupervisorArgs {
+                    kind: kind.clone(),
+                    member,
+                    policy: policy(&ctx.cfg, Strategy::OneForOne),
+                    child: Arc::new(move |p| child(m.clone(), p)),
+                };
+                let (r, _) = Actor::spawn_linked(None, PartitionSupervisorActor, args, sup).await?;
+                Ok(r.get_cell())
+            })
+        }),
+    }
 }
 
 fn tree(ctx: &SharedCtx) -> SupervisorArgs {
     let cfg = &ctx.cfg;
-    let mut state_children = materializers(ctx, Arc::new(EventsProjection(ctx.clone())));
-    state_children.extend(materializers(
-        ctx,
-        Arc::new(SubscribersProjection(ctx.clone())),
-    ));
-    state_children.extend(materializers(ctx, Arc::new(ReportProjection(ctx.clone()))));
+    let state_children = vec![
+        materializer(ctx, Arc::new(EventsProjection(ctx.clone()))),
+        materializer(ctx, Arc::new(SubscribersProjection(ctx.clone()))),
+        materializer(ctx, Arc::new(ReportProjection(ctx.clone()))),
+    ];
     let targeting_name = TargetingRef::for_node(&ctx.node_id).name;
     let c = ctx.clone();
     let targeting = ChildSpec {
@@ -135,9 +162,10 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
             })
         }),
     };
-    let commands: Vec<ChildSpec> = (0..ctx.topics.partitions)
-        .map(|p| {
-            let c = ctx.clone();
+    let commands = partition_group(ctx, "commands", ctx.topics.commands.clone(), {
+        let c = ctx.clone();
+        move |member, p| {
+            let c = c.clone();
             ChildSpec::new(format!("commands-{p}"), "command_partition", move || {
                 (
                     CommandPartitionActor,
@@ -145,25 +173,28 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
                         ctx: c.clone(),
                         partition: p,
                         targeting: TargetingRef::for_node(&c.node_id),
+                        member: member.clone(),
                     },
                 )
             })
-        })
-        .collect();
-    let aggregators: Vec<ChildSpec> = (0..ctx.topics.partitions)
-        .map(|p| {
-            let c = ctx.clone();
+        }
+    });
+    let aggregators = partition_group(ctx, "aggregators", ctx.topics.reactions.clone(), {
+        let c = ctx.clone();
+        move |member, p| {
+            let c = c.clone();
             ChildSpec::new(format!("aggregator-{p}"), "aggregator", move || {
                 (
                     WindowAggregatorActor,
                     AggregatorArgs {
                         ctx: c.clone(),
                         partition: p,
+                        member: member.clone(),
                     },
                 )
             })
-        })
-        .collect();
+        }
+    });
     let c1 = ctx.clone();
     let c2 = ctx.clone();
     let one = |kind: &str, children: Vec<ChildSpec>| {
@@ -181,14 +212,14 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
         children: vec![
             one("state", state_children),
             one("targeting", vec![targeting]),
-            one("commands", commands),
+            commands,
             one(
                 "scheduler",
                 vec![ChildSpec::new("scheduler", "scheduler", move || {
                     (SchedulerActor, c1.clone())
                 })],
             ),
-            one("aggregators", aggregators),
+            aggregators,
             one(
                 "trainer",
                 vec![ChildSpec::new("trainer", "trainer", move || {

@@ -14,7 +14,9 @@ use crate::domain::window::{
     FinalWindow, StateChange, WindowConfig, WindowEngine, WindowKey, WindowMeta,
 };
 use crate::io::store::{AggProgress, AggStateStore};
-use crate::io::{payload_text, OffsetCommit, OutRecord, PartitionReader, Record, Txn, TxnWriter};
+use crate::io::{
+    payload_text, GroupMember, OffsetCommit, OutRecord, PartitionReader, Record, Txn, TxnWriter,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -42,6 +44,8 @@ pub struct WindowAggregatorActor;
 pub struct AggregatorArgs {
     pub ctx: SharedCtx,
     pub partition: u32,
+    /// The consumer group membership that owns this partition.
+    pub member: Arc<dyn GroupMember>,
 }
 
 pub enum AggregatorMsg {
@@ -287,11 +291,7 @@ impl Actor for WindowAggregatorActor {
             },
             p,
         );
-        let committed = ctx
-            .log
-            .committed(ctx.group(), &ctx.topics.reactions, p)
-            .await?
-            .unwrap_or(0);
+        let committed = args.member.committed(p).await?.unwrap_or(0);
         let store = ctx.stores.aggregator(p)?;
         let local = {
             let s = store.clone();
@@ -347,11 +347,8 @@ impl Actor for WindowAggregatorActor {
             took_ms = took.as_millis() as u64,
             "aggregator state restored"
         );
-        let writer = ctx
-            .log
-            .txn_writer(&format!("{}aggregator-{p}", ctx.cfg.kafka.topic_prefix))
-            .await?;
-        let reader = ctx.log.reader(&ctx.topics.reactions, p, committed);
+        let writer = args.member.writer();
+        let reader = args.member.reader(p, committed).await?;
         myself.send_message(AggregatorMsg::Poll)?;
         let now = ctx.clock.now_ms();
         Ok(AggregatorState {

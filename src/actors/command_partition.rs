@@ -8,7 +8,7 @@ use crate::actors::campaign::{job_of, load_events, CampaignActor, CampaignArgs, 
 use crate::actors::targeting::TargetingRef;
 use crate::actors::{SharedCtx, POLL_WAIT};
 use crate::domain::campaign::{CampaignState, Command, Event};
-use crate::io::{OffsetCommit, OutRecord, PartitionReader, Txn, TxnWriter};
+use crate::io::{GroupMember, OffsetCommit, OutRecord, PartitionReader, Txn, TxnWriter};
 use crate::supervision::{Decision, RestartPolicy, RestartTracker, Strategy};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -22,6 +22,8 @@ pub struct CommandPartitionArgs {
     pub ctx: SharedCtx,
     pub partition: u32,
     pub targeting: TargetingRef,
+    /// The consumer group membership that owns this partition.
+    pub member: Arc<dyn GroupMember>,
 }
 
 pub enum CommandPartitionMsg {
@@ -125,12 +127,7 @@ impl Actor for CommandPartitionActor {
     ) -> Result<CommandPartitionState, ActorProcessingErr> {
         let ctx = args.ctx;
         let p = args.partition;
-        // The transactional id is per partition, not per node: a new owner
-        // of the partition fences the old one.
-        let writer = ctx
-            .log
-            .txn_writer(&format!("{}commands-{p}", ctx.cfg.kafka.topic_prefix))
-            .await?;
+        let writer = args.member.writer();
         let events = load_events(&ctx, p, None).await?;
         let mut preloaded: HashMap<String, Vec<Event>> = HashMap::new();
         for e in events {
@@ -150,11 +147,7 @@ impl Actor for CommandPartitionActor {
                 republished += 1;
             }
         }
-        let from = ctx
-            .log
-            .committed(ctx.group(), &ctx.topics.commands, p)
-            .await?
-            .unwrap_or(0);
+        let from = args.member.committed(p).await?.unwrap_or(0);
         tracing::info!(
             partition = p,
             campaigns = preloaded.len(),
@@ -162,7 +155,7 @@ impl Actor for CommandPartitionActor {
             from,
             "command partition restored"
         );
-        let reader = ctx.log.reader(&ctx.topics.commands, p, from);
+        let reader = args.member.reader(p, from).await?;
         let policy = RestartPolicy::from_config(Strategy::OneForOne, &ctx.cfg.supervision);
         myself.send_message(CommandPartitionMsg::Poll)?;
         Ok(CommandPartitionState {

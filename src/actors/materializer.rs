@@ -1,13 +1,13 @@
-//! `MaterializerActor`: follows one partition of a topic and applies its
+//! `MaterializerActor`: follows every partition of a topic and applies its
 //! records to a sled store (read model, subscribers, report). The store keeps
-//! the consumed offset in the same batch as the state, so a restarted
-//! materialiser resumes exactly where its store stands.
+//! each partition's consumed offset in the same batch as the state, so a
+//! restarted materialiser resumes exactly where its store stands.
 
 use crate::actors::{SharedCtx, POLL_WAIT};
 use crate::domain::campaign::Event;
 use crate::domain::window::FinalWindow;
 use crate::io::store::Subscriber;
-use crate::io::{IoError, PartitionReader, Record};
+use crate::io::{IoError, Record, TopicReader};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 
@@ -26,7 +26,6 @@ pub struct MaterializerActor;
 
 pub struct MaterializerArgs {
     pub ctx: SharedCtx,
-    pub partition: u32,
     pub projection: Arc<dyn Projection>,
 }
 
@@ -36,7 +35,7 @@ pub enum MaterializerMsg {
 
 pub struct MaterializerState {
     args: MaterializerArgs,
-    reader: Box<dyn PartitionReader>,
+    reader: Box<dyn TopicReader>,
 }
 
 impl Actor for MaterializerActor {
@@ -49,11 +48,10 @@ impl Actor for MaterializerActor {
         myself: ActorRef<Self::Msg>,
         args: MaterializerArgs,
     ) -> Result<MaterializerState, ActorProcessingErr> {
-        let from = args.projection.start_offset(args.partition)?;
-        let reader = args
-            .ctx
-            .log
-            .reader(&args.projection.topic(), args.partition, from);
+        let from = (0..args.ctx.topics.partitions)
+            .map(|p| args.projection.start_offset(p))
+            .collect::<Result<Vec<u64>, IoError>>()?;
+        let reader = args.ctx.log.topic_reader(&args.projection.topic(), &from)?;
         myself.send_message(MaterializerMsg::Poll)?;
         Ok(MaterializerState { args, reader })
     }
@@ -64,17 +62,30 @@ impl Actor for MaterializerActor {
         _msg: MaterializerMsg,
         state: &mut MaterializerState,
     ) -> Result<(), ActorProcessingErr> {
-        let records = state.reader.next_batch(1000, POLL_WAIT).await?;
+        let records = state.reader.next_batch(2000, POLL_WAIT).await?;
         if !records.is_empty() {
-            let next = state.reader.position();
             let projection = state.args.projection.clone();
-            let partition = state.args.partition;
-            tokio::task::spawn_blocking(move || projection.apply(partition, &records, next))
-                .await??;
+            tokio::task::spawn_blocking(move || -> Result<(), IoError> {
+                for (partition, recs) in by_partition(records) {
+                    let next = recs.last().map(|r| r.offset + 1).unwrap_or(0);
+                    projection.apply(partition, &recs, next)?;
+                }
+                Ok(())
+            })
+            .await??;
         }
         myself.send_message(MaterializerMsg::Poll)?;
         Ok(())
     }
+}
+
+/// Split records by partition, keeping their order within each.
+pub fn by_partition(records: Vec<Record>) -> std::collections::BTreeMap<u32, Vec<Record>> {
+    let mut out: std::collections::BTreeMap<u32, Vec<Record>> = Default::default();
+    for r in records {
+        out.entry(r.partition).or_default().push(r);
+    }
+    out
 }
 
 /// `campaign-events` -> campaign read model and command outcomes.

@@ -5,7 +5,7 @@
 
 use crate::actors::{SharedCtx, POLL_WAIT};
 use crate::domain::model::{batch_seed, Model};
-use crate::io::PartitionReader;
+use crate::io::TopicReader;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -55,7 +55,7 @@ pub enum TargetingMsg {
 
 pub struct TargetingState {
     ctx: SharedCtx,
-    readers: Vec<Box<dyn PartitionReader>>,
+    reader: Box<dyn TopicReader>,
 }
 
 /// Offer a model: swapped in when valid and newer, refused otherwise.
@@ -96,27 +96,24 @@ impl Actor for TargetingModelActor {
         ctx: SharedCtx,
     ) -> Result<TargetingState, ActorProcessingErr> {
         // Rebuild from the models topic: read it all, keep the newest valid.
-        let mut readers = Vec::new();
-        for p in 0..ctx.topics.partitions {
-            let mut r = ctx.log.reader(&ctx.topics.models, p, 0);
-            loop {
-                let recs = r.next_batch(1000, Duration::ZERO).await?;
-                if recs.is_empty() {
-                    break;
-                }
-                for rec in recs {
-                    if rec.key.as_deref() == Some(b"current") {
-                        if let Some(v) = rec.value.as_deref() {
-                            offer_model(&ctx, v);
-                        }
+        let from = vec![0; ctx.topics.partitions as usize];
+        let mut reader = ctx.log.topic_reader(&ctx.topics.models, &from)?;
+        loop {
+            let recs = reader.next_batch(1000, Duration::ZERO).await?;
+            if recs.is_empty() {
+                break;
+            }
+            for rec in recs {
+                if rec.key.as_deref() == Some(b"current") {
+                    if let Some(v) = rec.value.as_deref() {
+                        offer_model(&ctx, v);
                     }
                 }
             }
-            readers.push(r);
         }
         metrics::gauge!("smartmsg_model_version").set(ctx.model.load().version as f64);
         myself.send_message(TargetingMsg::PollModels)?;
-        Ok(TargetingState { ctx, readers })
+        Ok(TargetingState { ctx, reader })
     }
 
     async fn handle(
@@ -152,13 +149,11 @@ impl Actor for TargetingModelActor {
             }
             TargetingMsg::PollModels => {
                 let mut any = false;
-                for r in state.readers.iter_mut() {
-                    for rec in r.next_batch(100, Duration::ZERO).await? {
-                        any = true;
-                        if rec.key.as_deref() == Some(b"current") {
-                            if let Some(v) = rec.value.as_deref() {
-                                offer_model(&state.ctx, v);
-                            }
+                for rec in state.reader.next_batch(100, Duration::ZERO).await? {
+                    any = true;
+                    if rec.key.as_deref() == Some(b"current") {
+                        if let Some(v) = rec.value.as_deref() {
+                            offer_model(&state.ctx, v);
                         }
                     }
                 }

@@ -8,7 +8,7 @@ use crate::actors::SharedCtx;
 use crate::domain::model::{Arm, Model};
 use crate::domain::reaction::{parse_reaction, Action};
 use crate::io::store::SendRecord;
-use crate::io::{OutRecord, PartitionReader, Txn, TxnWriter};
+use crate::io::{OutRecord, TopicReader, Txn, TxnWriter};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ pub enum TrainerMsg {
 
 pub struct TrainerState {
     ctx: SharedCtx,
-    readers: Vec<Box<dyn PartitionReader>>,
+    reader: Box<dyn TopicReader>,
     writer: Arc<dyn TxnWriter>,
     version: u64,
     dirty: bool,
@@ -32,8 +32,9 @@ pub struct TrainerState {
 /// Highest `v<N>` on the models topic.
 async fn latest_version(ctx: &SharedCtx) -> Result<u64, ActorProcessingErr> {
     let mut max = 0;
-    for p in 0..ctx.topics.partitions {
-        let mut r = ctx.log.reader(&ctx.topics.models, p, 0);
+    let from = vec![0; ctx.topics.partitions as usize];
+    let mut r = ctx.log.topic_reader(&ctx.topics.models, &from)?;
+    {
         loop {
             let recs = r.next_batch(1000, Duration::ZERO).await?;
             if recs.is_empty() {
@@ -174,15 +175,14 @@ impl Actor for TrainerActor {
             .log
             .txn_writer(&format!("{}trainer", ctx.cfg.kafka.topic_prefix))
             .await?;
-        let mut readers = Vec::new();
-        for p in 0..ctx.topics.partitions {
-            let from = ctx.trainer_store.offset(&ctx.topics.reactions, p)?;
-            readers.push(ctx.log.reader(&ctx.topics.reactions, p, from));
-        }
+        let from = (0..ctx.topics.partitions)
+            .map(|p| ctx.trainer_store.offset(&ctx.topics.reactions, p))
+            .collect::<Result<Vec<u64>, _>>()?;
+        let reader = ctx.log.topic_reader(&ctx.topics.reactions, &from)?;
         myself.send_message(TrainerMsg::Poll)?;
         Ok(TrainerState {
             ctx,
-            readers,
+            reader,
             writer,
             version,
             dirty: false,
@@ -196,17 +196,23 @@ impl Actor for TrainerActor {
         _msg: TrainerMsg,
         state: &mut TrainerState,
     ) -> Result<(), ActorProcessingErr> {
-        let mut any = false;
-        for p in 0..state.readers.len() {
-            let recs = state.readers[p].next_batch(2000, Duration::ZERO).await?;
-            if recs.is_empty() {
-                continue;
-            }
-            any = true;
-            let next = state.readers[p].position();
+        let recs = state
+            .reader
+            .next_batch(5000, Duration::from_millis(50))
+            .await?;
+        let any = !recs.is_empty();
+        if any {
             let ctx = state.ctx.clone();
             let changed =
-                tokio::task::spawn_blocking(move || absorb(&ctx, p as u32, &recs, next)).await??;
+                tokio::task::spawn_blocking(move || -> Result<bool, crate::io::IoError> {
+                    let mut changed = false;
+                    for (p, recs) in crate::actors::materializer::by_partition(recs) {
+                        let next = recs.last().map(|r| r.offset + 1).unwrap_or(0);
+                        changed |= absorb(&ctx, p, &recs, next)?;
+                    }
+                    Ok(changed)
+                })
+                .await??;
             state.dirty |= changed;
         }
         let interval = Duration::from_millis(state.ctx.cfg.model.retrain_interval_ms);

@@ -6,8 +6,8 @@
 use crate::clock::system_now_ms;
 use crate::domain::partition::partition_for;
 use crate::io::{
-    EventLog, IoError, OffsetCommit, OutRecord, PartitionReader, Record, TopicSpec, Txn, TxnWriter,
-    Written,
+    EventLog, GroupMember, IoError, OffsetCommit, OutRecord, PartitionEvent, PartitionReader,
+    Record, TopicReader, TopicSpec, Txn, TxnWriter, Written,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -214,6 +214,20 @@ impl EmbeddedLog {
         Ok(())
     }
 
+    /// The committed offset of `group` on a partition (next record to read).
+    pub async fn committed(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, IoError> {
+        Ok(self
+            .inner
+            .tree
+            .get(offset_key(group, topic, partition))?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+    }
+
     /// Offset of the next record to be written to a partition.
     pub fn end_offset(&self, topic: &str, partition: u32) -> u64 {
         let st = self.inner.state.lock().expect("log lock");
@@ -361,19 +375,6 @@ impl EventLog for EmbeddedLog {
         }))
     }
 
-    async fn committed(
-        &self,
-        group: &str,
-        topic: &str,
-        partition: u32,
-    ) -> Result<Option<u64>, IoError> {
-        Ok(self
-            .inner
-            .tree
-            .get(offset_key(group, topic, partition))?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
-    }
-
     fn reader(&self, topic: &str, partition: u32, from: u64) -> Box<dyn PartitionReader> {
         Box::new(EmbeddedReader {
             log: self.clone(),
@@ -385,9 +386,120 @@ impl EventLog for EmbeddedLog {
         })
     }
 
+    fn topic_reader(&self, topic: &str, from: &[u64]) -> Result<Box<dyn TopicReader>, IoError> {
+        let readers = from
+            .iter()
+            .enumerate()
+            .map(|(p, o)| EmbeddedReader {
+                log: self.clone(),
+                topic: topic.to_string(),
+                topic_id: None,
+                partition: p as u32,
+                position: *o,
+                version: self.inner.version.subscribe(),
+            })
+            .collect();
+        Ok(Box::new(EmbeddedTopicReader {
+            readers,
+            version: self.inner.version.subscribe(),
+            next: 0,
+        }))
+    }
+
+    async fn join_group(
+        &self,
+        group: &str,
+        topic: &str,
+        transactional_id: &str,
+    ) -> Result<Arc<dyn GroupMember>, IoError> {
+        let partitions = self
+            .partitions(topic)
+            .ok_or_else(|| IoError::Fatal(format!("unknown topic {topic}")))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // The only member of its group: every partition is assigned at once.
+        let _ = tx.send(PartitionEvent::Assigned((0..partitions).collect()));
+        Ok(Arc::new(EmbeddedGroup {
+            log: self.clone(),
+            group: group.to_string(),
+            topic: topic.to_string(),
+            writer: self.txn_writer(transactional_id).await?,
+            events: tokio::sync::Mutex::new(rx),
+            leave: Mutex::new(Some(tx)),
+        }))
+    }
+
     async fn healthcheck(&self) -> Result<(), IoError> {
         self.inner.tree.get(b"health")?;
         Ok(())
+    }
+}
+
+struct EmbeddedTopicReader {
+    readers: Vec<EmbeddedReader>,
+    version: watch::Receiver<u64>,
+    next: usize,
+}
+
+#[async_trait::async_trait]
+impl TopicReader for EmbeddedTopicReader {
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            self.version.borrow_and_update();
+            let mut out = Vec::new();
+            let n = self.readers.len();
+            // Round-robin so no partition starves another.
+            for i in 0..n {
+                if out.len() >= max {
+                    break;
+                }
+                let idx = (self.next + i) % n;
+                let mut got = self.readers[idx].read_now(max - out.len())?;
+                out.append(&mut got);
+            }
+            self.next = (self.next + 1) % n.max(1);
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            match tokio::time::timeout_at(deadline, self.version.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Ok(Vec::new()),
+            }
+        }
+    }
+}
+
+/// The embedded log's consumer group: one member owning every partition.
+struct EmbeddedGroup {
+    log: EmbeddedLog,
+    group: String,
+    topic: String,
+    writer: Arc<dyn TxnWriter>,
+    events: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<PartitionEvent>>,
+    leave: Mutex<Option<tokio::sync::mpsc::UnboundedSender<PartitionEvent>>>,
+}
+
+#[async_trait::async_trait]
+impl GroupMember for EmbeddedGroup {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+    async fn next_event(&self) -> Option<PartitionEvent> {
+        self.events.lock().await.recv().await
+    }
+    async fn committed(&self, partition: u32) -> Result<Option<u64>, IoError> {
+        self.log
+            .committed(&self.group, &self.topic, partition)
+            .await
+    }
+    async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {
+        Ok(self.log.reader(&self.topic, partition, from))
+    }
+    fn writer(&self) -> Arc<dyn TxnWriter> {
+        self.writer.clone()
+    }
+    async fn leave(&self) {
+        self.leave.lock().expect("group lock").take();
     }
 }
 

@@ -151,6 +151,50 @@ pub trait PartitionReader: Send + Sync {
     fn seek(&mut self, offset: u64);
 }
 
+/// Reader of every partition of a topic (records carry their partition).
+#[async_trait::async_trait]
+pub trait TopicReader: Send + Sync {
+    /// Up to `max` records from any partition, in order within each
+    /// partition; waits up to `wait` when none. Empty means caught up.
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError>;
+}
+
+/// What a consumer group tells its member about partition ownership.
+#[derive(Debug)]
+pub enum PartitionEvent {
+    /// These partitions are now ours.
+    Assigned(Vec<u32>),
+    /// These partitions go elsewhere: drain their actors (finish and commit
+    /// in-flight work), then send on `done`. The rebalance waits for it, up
+    /// to a bound.
+    Revoked {
+        partitions: Vec<u32>,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
+    /// These partitions were lost (session expired): stop their actors; their
+    /// uncommitted work belongs to the new owner.
+    Lost(Vec<u32>),
+}
+
+/// Membership of one consumer group on one topic: partition events, readers
+/// of owned partitions and the transactional writer whose commits carry the
+/// group's consumed offsets.
+#[async_trait::async_trait]
+pub trait GroupMember: Send + Sync {
+    fn topic(&self) -> &str;
+    /// The next partition event; `None` once the membership has ended.
+    async fn next_event(&self) -> Option<PartitionEvent>;
+    /// The group's committed offset of an owned partition.
+    async fn committed(&self, partition: u32) -> Result<Option<u64>, IoError>;
+    /// A reader of an owned partition, starting at `from`.
+    async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError>;
+    /// The transactional writer of this member (offsets in its commits are
+    /// this group's).
+    fn writer(&self) -> Arc<dyn TxnWriter>;
+    /// Leave the group (after the owned partitions were drained).
+    async fn leave(&self);
+}
+
 /// A partitioned, offset-addressed log of keyed records (Kafka-like).
 #[async_trait::async_trait]
 pub trait EventLog: Send + Sync + 'static {
@@ -162,15 +206,18 @@ pub trait EventLog: Send + Sync + 'static {
     async fn publish(&self, records: Vec<OutRecord>) -> Result<Vec<Written>, IoError>;
     /// A transactional writer for `transactional_id` (fences older ones).
     async fn txn_writer(&self, transactional_id: &str) -> Result<Arc<dyn TxnWriter>, IoError>;
-    /// The committed offset of `group` on a partition (next record to read).
-    async fn committed(
+    /// A reader of one partition positioned at `from` (outside any group).
+    fn reader(&self, topic: &str, partition: u32, from: u64) -> Box<dyn PartitionReader>;
+    /// A reader of all partitions, partition `i` starting at `from[i]`.
+    fn topic_reader(&self, topic: &str, from: &[u64]) -> Result<Box<dyn TopicReader>, IoError>;
+    /// Join consumer group `group` on `topic`; the member's transactional
+    /// writer uses `transactional_id` (a newer writer with it fences this one).
+    async fn join_group(
         &self,
         group: &str,
         topic: &str,
-        partition: u32,
-    ) -> Result<Option<u64>, IoError>;
-    /// A reader positioned at `from`.
-    fn reader(&self, topic: &str, partition: u32, from: u64) -> Box<dyn PartitionReader>;
+        transactional_id: &str,
+    ) -> Result<Arc<dyn GroupMember>, IoError>;
     /// Whether the backend is usable (for `/readyz`).
     async fn healthcheck(&self) -> Result<(), IoError>;
 }

@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! root (one-for-one)
-//! ├── state (one-for-one)        read model, subscribers, reports, model materialisers
+//! ├── state (one-for-one)        read model, subscribers, reports materialisers (per topic)
 //! ├── targeting (one-for-one)    TargetingModelActor
-//! ├── commands (one-for-one)     CommandPartitionActor per partition ── CampaignActor per campaign
+//! ├── commands (partitions)      CommandPartitionActor per owned partition ── CampaignActor per campaign
 //! ├── scheduler (one-for-one)    SchedulerActor
-//! ├── aggregators (one-for-one)  WindowAggregatorActor per partition
+//! ├── aggregators (partitions)   WindowAggregatorActor per owned partition
 //! └── trainer (one-for-one)      TrainerActor
 //! ```
 
+pub mod partitions;
 pub mod policy;
 pub mod supervisor;
 
