@@ -73,6 +73,7 @@ pub struct KafkaConfig {
     pub partitions: u32,
     pub group_id: String,
     pub session_timeout_ms: u64,
+    pub replication_factor: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +211,9 @@ impl Config {
                 "http.listen: {:?} is not an address like 127.0.0.1:8080",
                 self.http.listen
             ));
+        }
+        if self.kafka.replication_factor == 0 {
+            errors.push("kafka.replication_factor: must be > 0".into());
         }
         if self.kafka.partitions == 0 || self.kafka.partitions > 1024 {
             errors.push("kafka.partitions: must be within 1..=1024".into());

@@ -17,6 +17,7 @@ use crate::config::{BackendKind, Config};
 use crate::domain::model::Model;
 use crate::io::embedded_delay::EmbeddedDelayQueue;
 use crate::io::embedded_log::EmbeddedLog;
+use crate::io::kafka::{KafkaLog, KafkaSettings};
 use crate::io::store::{AggStateStore, ReadModelStore, ReportStore, SubscriberStore, TrainerStore};
 use crate::io::topics::Topics;
 use crate::io::{GroupMember, IoError, SharedLog, SharedQueue};
@@ -246,9 +247,14 @@ impl Node {
                 Arc::new(EmbeddedDelayQueue::open(&db, "batches", clock.clone())?),
             ),
             BackendKind::Cluster => {
-                return Err(StartError::Unsupported(
-                    "backend.kind = \"cluster\" (Kafka + RabbitMQ) is not available in this build; use \"embedded\"".into(),
-                ))
+                let kafka = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;
+                // Jobs are held by the node that owns the campaign's
+                // partition: a new owner re-publishes every pending batch
+                // on assignment, so ownership moves with the partition.
+                (
+                    Arc::new(kafka),
+                    Arc::new(EmbeddedDelayQueue::open(&db, "batches", clock.clone())?),
+                )
             }
         };
         let topics = Topics::new(&cfg);

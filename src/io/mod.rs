@@ -7,6 +7,7 @@
 pub mod embedded_delay;
 pub mod embedded_log;
 pub mod http;
+pub mod kafka;
 pub mod metrics;
 pub mod store;
 pub mod topics;

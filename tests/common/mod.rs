@@ -4,6 +4,8 @@
 use std::time::{Duration, Instant};
 
 /// A free loopback port (bound then released).
+pub mod tansu;
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

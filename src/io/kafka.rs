@@ -1,0 +1,1083 @@
+//! The Kafka adapter (rdkafka): implements the event-log traits for cluster
+//! mode against any Kafka-protocol broker, using the standard protocol only.
+//!
+//! * topics are created at start with explicit configs (partitions, cleanup
+//!   policy, retention) — some brokers report only explicit configs;
+//! * plain publishing uses an idempotent producer (acks=all, murmur2);
+//! * readers are `read_committed` consumers with `enable.partition.eof`:
+//!   "caught up" is decided by partition EOF, never by the high watermark;
+//! * a group membership ([`KafkaGroup`]) runs its consumer on a dedicated
+//!   thread that turns rebalance callbacks into [`PartitionEvent`]s (a revoke
+//!   waits, bounded, for the partitions to be drained) and routes records to
+//!   one bounded channel per owned partition, pausing a partition whose
+//!   reader falls behind;
+//! * each membership has one transactional producer (EOS v2: the group's
+//!   metadata and offsets go into the transaction), driven by a dedicated
+//!   thread that group-commits the transactions of all its partitions.
+//!
+//! Blocking librdkafka calls never run on the async workers.
+
+use crate::config::Config;
+use crate::io::{
+    EventLog, GroupMember, IoError, OutRecord, PartitionEvent, PartitionReader, Record,
+    TopicReader, TopicSpec, Txn, TxnWriter, Written,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer,
+    ProducerContext,
+};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long a revoke waits for its partitions to be drained.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Records buffered per owned partition before it is paused.
+const PARTITION_BUFFER: usize = 8192;
+/// Longest wait for a reader to reach data or EOF before reporting an error.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Map a librdkafka error to retryable / fenced / fatal.
+pub fn kafka_error(what: &str, e: KafkaError) -> IoError {
+    use RDKafkaErrorCode as C;
+    if let KafkaError::Transaction(rde) = &e {
+        let fenced = matches!(
+            rde.code(),
+            C::ProducerFenced | C::InvalidProducerEpoch | C::InvalidProducerIdMapping
+        );
+        return if fenced {
+            IoError::Fenced(format!("{what}: {e}"))
+        } else if rde.is_fatal() {
+            IoError::Fatal(format!("{what}: {e}"))
+        } else {
+            IoError::Retryable(format!("{what}: {e}"))
+        };
+    }
+    match e.rdkafka_error_code() {
+        Some(C::ProducerFenced | C::InvalidProducerEpoch) => IoError::Fenced(format!("{what}: {e}")),
+        Some(
+            C::UnknownTopicOrPartition
+            | C::TopicAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::InvalidConfig
+            | C::InvalidArgument
+            | C::MessageSizeTooLarge
+            | C::InvalidPartitions,
+        ) => IoError::Fatal(format!("{what}: {e}")),
+        _ => IoError::Retryable(format!("{what}: {e}")),
+    }
+}
+
+/// Connection settings of the adapter, from the `[kafka]` section.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub session_timeout_ms: u64,
+    pub replication_factor: i32,
+    pub client_id: String,
+}
+
+impl KafkaSettings {
+    pub fn from_config(cfg: &Config) -> Self {
+        KafkaSettings {
+            brokers: cfg.kafka.brokers.clone(),
+            session_timeout_ms: cfg.kafka.session_timeout_ms,
+            replication_factor: cfg.kafka.replication_factor as i32,
+            client_id: format!("smartmsg-{}", cfg.node_id()),
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            .set("socket.keepalive.enable", "true")
+            .set("allow.auto.create.topics", "false")
+            .set("log_level", "3");
+        c
+    }
+
+    fn reader_config(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("group.id", format!("{}-reader", self.client_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10")
+            .set("queued.max.messages.kbytes", "16384");
+        c
+    }
+}
+
+struct Inner {
+    s: KafkaSettings,
+    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer,
+    partitions: Mutex<HashMap<String, u32>>,
+}
+
+/// The event log on Kafka. Cheap to clone.
+#[derive(Clone)]
+pub struct KafkaLog {
+    inner: Arc<Inner>,
+}
+
+fn to_record(m: &BorrowedMessage<'_>) -> Record {
+    Record {
+        partition: m.partition() as u32,
+        offset: m.offset() as u64,
+        key: m.key().map(|k| k.to_vec()),
+        value: m.payload().map(|v| v.to_vec()),
+        timestamp: m.timestamp().to_millis().unwrap_or(0),
+    }
+}
+
+impl KafkaLog {
+    /// Connect and check the brokers answer; a clear error if they do not.
+    pub async fn connect(s: KafkaSettings) -> Result<KafkaLog, IoError> {
+        let admin: AdminClient<DefaultClientContext> = s
+            .client()
+            .create()
+            .map_err(|e| IoError::Fatal(format!("kafka admin client: {e}")))?;
+        let producer: FutureProducer = s
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(|e| IoError::Fatal(format!("kafka producer: {e}")))?;
+        let probe = producer.clone();
+        let brokers = s.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            probe
+                .client()
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| IoError::Fatal(format!("metadata task: {e}")))?
+        .map_err(|e| IoError::Retryable(format!("kafka brokers {brokers} unreachable: {e}")))?;
+        Ok(KafkaLog {
+            inner: Arc::new(Inner {
+                s,
+                admin,
+                producer,
+                partitions: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<Option<u32>, IoError> {
+        let producer = self.inner.producer.clone();
+        let t = topic.to_string();
+        let md = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&t), Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| IoError::Fatal(format!("metadata task: {e}")))?
+        .map_err(|e| kafka_error("metadata", e))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|mt| mt.name() == topic && mt.error().is_none())
+            .map(|mt| mt.partitions().len() as u32)
+            .filter(|n| *n > 0))
+    }
+
+    fn settings(&self) -> &KafkaSettings {
+        &self.inner.s
+    }
+}
+
+#[async_trait::async_trait]
+impl EventLog for KafkaLog {
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), IoError> {
+        let existing = self.partition_count(&spec.name).await?;
+        let count = match existing {
+            Some(n) => n,
+            None => {
+                let policy = if spec.compacted { "compact" } else { "delete" };
+                let retention = if spec.compacted { "-1" } else { "604800000" };
+                let topic = NewTopic::new(
+                    &spec.name,
+                    spec.partitions as i32,
+                    TopicReplication::Fixed(self.settings().replication_factor),
+                )
+                .set("cleanup.policy", policy)
+                .set("retention.ms", retention);
+                let res = self
+                    .inner
+                    .admin
+                    .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT)))
+                    .await
+                    .map_err(|e| kafka_error("create topics", e))?;
+                for r in res {
+                    match r {
+                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((name, code)) => {
+                            return Err(IoError::Fatal(format!("creating topic {name}: {code}")))
+                        }
+                    }
+                }
+                // Metadata can lag the creation by a moment.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    if let Some(n) = self.partition_count(&spec.name).await? {
+                        break n;
+                    }
+                    if Instant::now() > deadline {
+                        return Err(IoError::Retryable(format!(
+                            "topic {} created but not visible in metadata",
+                            spec.name
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        if count != spec.partitions {
+            return Err(IoError::Fatal(format!(
+                "topic {} has {count} partitions, config says {}",
+                spec.name, spec.partitions
+            )));
+        }
+        self.inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .insert(spec.name.clone(), count);
+        Ok(())
+    }
+
+    fn partitions(&self, topic: &str) -> Option<u32> {
+        self.inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .get(topic)
+            .copied()
+    }
+
+    async fn publish(&self, records: Vec<OutRecord>) -> Result<Vec<Written>, IoError> {
+        let mut futures = Vec::with_capacity(records.len());
+        for r in &records {
+            let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic);
+            if let Some(k) = &r.key {
+                fr = fr.key(k.as_slice());
+            }
+            if let Some(v) = &r.value {
+                fr = fr.payload(v.as_slice());
+            }
+            if let Some(p) = r.partition {
+                fr = fr.partition(p as i32);
+            }
+            futures.push(self.inner.producer.send(fr, OP_TIMEOUT));
+        }
+        let mut out = Vec::with_capacity(futures.len());
+        for res in futures::future::join_all(futures).await {
+            match res {
+                Ok(d) => out.push(Written {
+                    partition: d.partition as u32,
+                    offset: d.offset as u64,
+                }),
+                Err((e, _)) => return Err(kafka_error("publish", e)),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn txn_writer(&self, transactional_id: &str) -> Result<Arc<dyn TxnWriter>, IoError> {
+        let coordinator = TxnCoordinator::start(self.settings(), transactional_id, None)?;
+        Ok(Arc::new(coordinator))
+    }
+
+    fn reader(&self, topic: &str, partition: u32, from: u64) -> Box<dyn PartitionReader> {
+        Box::new(KafkaReader::new(self.settings(), topic, &[(partition, from)]))
+    }
+
+    fn topic_reader(&self, topic: &str, from: &[u64]) -> Result<Box<dyn TopicReader>, IoError> {
+        let parts: Vec<(u32, u64)> = from.iter().enumerate().map(|(p, o)| (p as u32, *o)).collect();
+        Ok(Box::new(KafkaReader::new(self.settings(), topic, &parts)))
+    }
+
+    async fn join_group(
+        &self,
+        group: &str,
+        topic: &str,
+        transactional_id: &str,
+    ) -> Result<Arc<dyn GroupMember>, IoError> {
+        Ok(Arc::new(KafkaGroup::join(self.settings(), group, topic, transactional_id)?))
+    }
+
+    async fn healthcheck(&self) -> Result<(), IoError> {
+        let producer = self.inner.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(3))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| IoError::Fatal(format!("metadata task: {e}")))?
+        .map_err(|e| kafka_error("kafka unreachable", e))
+    }
+}
+
+/// A `read_committed` reader of some partitions of one topic, outside any
+/// group. "Caught up" means every assigned partition reported EOF.
+struct KafkaReader {
+    consumer: Option<StreamConsumer>,
+    error: Option<String>,
+    topic: String,
+    /// partition -> next offset.
+    positions: BTreeMap<u32, u64>,
+    at_eof: BTreeMap<u32, bool>,
+}
+
+impl KafkaReader {
+    fn new(s: &KafkaSettings, topic: &str, parts: &[(u32, u64)]) -> Self {
+        let mut r = KafkaReader {
+            consumer: None,
+            error: None,
+            topic: topic.to_string(),
+            positions: parts.iter().copied().collect(),
+            at_eof: parts.iter().map(|(p, _)| (*p, false)).collect(),
+        };
+        match s.reader_config().create::<StreamConsumer>() {
+            Ok(c) => {
+                r.consumer = Some(c);
+                if let Err(e) = r.assign() {
+                    r.error = Some(e.to_string());
+                }
+            }
+            Err(e) => r.error = Some(format!("kafka reader: {e}")),
+        }
+        r
+    }
+
+    fn assign(&mut self) -> Result<(), IoError> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.positions {
+            tpl.add_partition_offset(&self.topic, *p as i32, Offset::Offset(*o as i64))
+                .map_err(|e| kafka_error("assign", e))?;
+        }
+        for v in self.at_eof.values_mut() {
+            *v = false;
+        }
+        self.consumer
+            .as_ref()
+            .expect("consumer")
+            .assign(&tpl)
+            .map_err(|e| kafka_error("assign", e))
+    }
+
+    async fn batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError> {
+        if let Some(e) = &self.error {
+            return Err(IoError::Retryable(e.clone()));
+        }
+        let consumer = self.consumer.as_ref().expect("consumer");
+        let mut out = Vec::new();
+        let started = Instant::now();
+        loop {
+            let caught_up = self.at_eof.values().all(|e| *e);
+            let budget = if !out.is_empty() {
+                Duration::ZERO
+            } else if caught_up {
+                wait.saturating_sub(started.elapsed())
+            } else {
+                // Not yet known to be at the end: wait for data or EOF.
+                CATCH_UP_TIMEOUT.saturating_sub(started.elapsed())
+            };
+            if budget.is_zero() && out.is_empty() && !caught_up {
+                return Err(IoError::Retryable(format!(
+                    "{}: no data and no end of partition within {CATCH_UP_TIMEOUT:?}",
+                    self.topic
+                )));
+            }
+            match tokio::time::timeout(budget, consumer.recv()).await {
+                Err(_) => return Ok(out),
+                Ok(Ok(m)) => {
+                    let r = to_record(&m);
+                    self.at_eof.insert(r.partition, false);
+                    let expected = self.positions.get(&r.partition).copied().unwrap_or(0);
+                    if r.offset < expected {
+                        continue; // stale after a seek
+                    }
+                    self.positions.insert(r.partition, r.offset + 1);
+                    out.push(r);
+                    if out.len() >= max {
+                        return Ok(out);
+                    }
+                }
+                Ok(Err(KafkaError::PartitionEOF(p))) => {
+                    self.at_eof.insert(p as u32, true);
+                    if !out.is_empty() {
+                        return Ok(out);
+                    }
+                }
+                Ok(Err(e)) => return Err(kafka_error("consume", e)),
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PartitionReader for KafkaReader {
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError> {
+        self.batch(max, wait).await
+    }
+    fn position(&self) -> u64 {
+        self.positions.values().next().copied().unwrap_or(0)
+    }
+    fn seek(&mut self, offset: u64) {
+        for v in self.positions.values_mut() {
+            *v = offset;
+        }
+        if let Err(e) = self.assign() {
+            self.error = Some(e.to_string());
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TopicReader for KafkaReader {
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError> {
+        self.batch(max, wait).await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Transactions
+
+struct TxnRequest {
+    txn: Txn,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Written>, IoError>>,
+}
+
+/// Collects delivery reports of the transaction in progress.
+struct DeliveryContext {
+    results: Mutex<Vec<Option<Result<Written, String>>>>,
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, idx: usize) {
+        let r = match result {
+            Ok(m) => Ok(Written {
+                partition: m.partition() as u32,
+                offset: m.offset() as u64,
+            }),
+            Err((e, _)) => Err(e.to_string()),
+        };
+        if let Some(slot) = self.results.lock().expect("delivery lock").get_mut(idx) {
+            *slot = Some(r);
+        }
+    }
+}
+
+type GroupMetadataFn = Arc<dyn Fn() -> Option<ConsumerGroupMetadata> + Send + Sync>;
+
+/// One transactional producer on a dedicated thread. Requests arriving
+/// while a transaction is in flight are committed together in the next one.
+pub struct TxnCoordinator {
+    tx: std::sync::mpsc::Sender<TxnRequest>,
+}
+
+impl TxnCoordinator {
+    fn start(
+        s: &KafkaSettings,
+        transactional_id: &str,
+        group: Option<GroupMetadataFn>,
+    ) -> Result<Self, IoError> {
+        let producer: BaseProducer<DeliveryContext> = s
+            .client()
+            .set("transactional.id", transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "1")
+            .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", "55000")
+            .create_with_context(DeliveryContext {
+                results: Mutex::new(Vec::new()),
+            })
+            .map_err(|e| IoError::Fatal(format!("transactional producer: {e}")))?;
+        let (tx, rx) = std::sync::mpsc::channel::<TxnRequest>();
+        let id = transactional_id.to_string();
+        std::thread::Builder::new()
+            .name(format!("txn-{id}"))
+            .spawn(move || txn_loop(producer, rx, group, id))
+            .map_err(|e| IoError::Fatal(format!("txn thread: {e}")))?;
+        Ok(TxnCoordinator { tx })
+    }
+}
+
+fn txn_loop(
+    producer: BaseProducer<DeliveryContext>,
+    rx: std::sync::mpsc::Receiver<TxnRequest>,
+    group: Option<GroupMetadataFn>,
+    id: String,
+) {
+    let mut dead: Option<IoError> = None;
+    let mut initialised = false;
+    while let Ok(first) = rx.recv() {
+        let mut reqs = vec![first];
+        while reqs.len() < 256 {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        if let Some(e) = &dead {
+            for r in reqs {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            continue;
+        }
+        if !initialised {
+            match producer.init_transactions(OP_TIMEOUT) {
+                Ok(()) => initialised = true,
+                Err(e) => {
+                    let err = kafka_error(&format!("init transactions {id}"), e);
+                    if !err.is_retryable() {
+                        dead = Some(err.clone());
+                    }
+                    for r in reqs {
+                        let _ = r.reply.send(Err(err.clone()));
+                    }
+                    continue;
+                }
+            }
+        }
+        match run_txn(&producer, &reqs, group.as_ref()) {
+            Ok(written) => {
+                for (r, w) in reqs.into_iter().zip(written) {
+                    let _ = r.reply.send(Ok(w));
+                }
+            }
+            Err(err) => {
+                let _ = producer.abort_transaction(OP_TIMEOUT);
+                if matches!(err, IoError::Fenced(_) | IoError::Fatal(_)) {
+                    tracing::error!(transactional_id = %id, error = %err,
+                        "transactional producer is fenced or failed fatally; it stops writing");
+                    dead = Some(err.clone());
+                }
+                for r in reqs {
+                    let _ = r.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn run_txn(
+    producer: &BaseProducer<DeliveryContext>,
+    reqs: &[TxnRequest],
+    group: Option<&GroupMetadataFn>,
+) -> Result<Vec<Vec<Written>>, IoError> {
+    let total: usize = reqs.iter().map(|r| r.txn.records.len()).sum();
+    *producer.context().results.lock().expect("delivery lock") = vec![None; total];
+    producer
+        .begin_transaction()
+        .map_err(|e| kafka_error("begin transaction", e))?;
+    let mut idx = 0;
+    let mut offsets: BTreeMap<(String, u32), u64> = BTreeMap::new();
+    for req in reqs {
+        for r in &req.txn.records {
+            let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&r.topic, idx);
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_slice());
+            }
+            if let Some(v) = &r.value {
+                rec = rec.payload(v.as_slice());
+            }
+            if let Some(p) = r.partition {
+                rec = rec.partition(p as i32);
+            }
+            loop {
+                match producer.send(rec) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(kafka_error("produce", e)),
+                }
+            }
+            idx += 1;
+        }
+        for o in &req.txn.offsets {
+            let slot = offsets.entry((o.topic.clone(), o.partition)).or_insert(0);
+            *slot = (*slot).max(o.next_offset);
+        }
+    }
+    if !offsets.is_empty() {
+        let cgm = group
+            .and_then(|g| g())
+            .ok_or_else(|| IoError::Fatal("offsets in a transaction need a group member".into()))?;
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &offsets {
+            tpl.add_partition_offset(t, *p as i32, Offset::Offset(*o as i64))
+                .map_err(|e| kafka_error("offsets", e))?;
+        }
+        producer
+            .send_offsets_to_transaction(&tpl, &cgm, OP_TIMEOUT)
+            .map_err(|e| kafka_error("send offsets to transaction", e))?;
+    }
+    producer
+        .flush(OP_TIMEOUT)
+        .map_err(|e| kafka_error("flush", e))?;
+    producer
+        .commit_transaction(OP_TIMEOUT)
+        .map_err(|e| kafka_error("commit transaction", e))?;
+    let results = std::mem::take(&mut *producer.context().results.lock().expect("delivery lock"));
+    let mut flat = Vec::with_capacity(total);
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Some(Ok(w)) => flat.push(w),
+            Some(Err(e)) => return Err(IoError::Retryable(format!("record {i} not delivered: {e}"))),
+            None => return Err(IoError::Retryable(format!("record {i}: no delivery report"))),
+        }
+    }
+    let mut out = Vec::with_capacity(reqs.len());
+    let mut it = flat.into_iter();
+    for req in reqs {
+        out.push(it.by_ref().take(req.txn.records.len()).collect());
+    }
+    Ok(out)
+}
+
+#[async_trait::async_trait]
+impl TxnWriter for TxnCoordinator {
+    async fn commit(&self, txn: Txn) -> Result<Vec<Written>, IoError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(TxnRequest { txn, reply })
+            .map_err(|_| IoError::Fatal("transaction thread is gone".into()))?;
+        rx.await
+            .map_err(|_| IoError::Fatal("transaction thread is gone".into()))?
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Consumer groups
+
+enum Item {
+    Rec(Record),
+    Eof,
+}
+
+struct Route {
+    tx: Option<mpsc::Sender<Item>>,
+    overflow: VecDeque<Item>,
+    paused: bool,
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
+
+struct GroupContext {
+    topic: String,
+    events: mpsc::UnboundedSender<PartitionEvent>,
+    routes: Routes,
+    /// Set when leaving: the partitions were drained already, so a revoke
+    /// need not wait for anyone.
+    stopping: Arc<AtomicBool>,
+}
+
+impl ClientContext for GroupContext {}
+
+fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<u32> {
+    tpl.elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition() as u32)
+        .collect()
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = partitions_of(tpl, &self.topic);
+            if parts.is_empty() {
+                return;
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                // Leaving: our partition actors were drained before.
+            } else if consumer.assignment_lost() {
+                let _ = self.events.send(PartitionEvent::Lost(parts.clone()));
+            } else {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                let _ = self.events.send(PartitionEvent::Revoked {
+                    partitions: parts.clone(),
+                    done,
+                });
+                // Bounded drain: the rebalance goes on after DRAIN_TIMEOUT.
+                let deadline = Instant::now() + DRAIN_TIMEOUT;
+                let mut wait = wait;
+                loop {
+                    match wait.try_recv() {
+                        Err(tokio::sync::oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            let mut routes = self.routes.lock().expect("routes lock");
+            for p in parts {
+                routes.remove(&p);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = partitions_of(tpl, &self.topic);
+            if parts.is_empty() {
+                return;
+            }
+            {
+                let mut routes = self.routes.lock().expect("routes lock");
+                for p in &parts {
+                    routes.entry(*p).or_insert(Route {
+                        tx: None,
+                        overflow: VecDeque::new(),
+                        paused: false,
+                    });
+                }
+            }
+            let _ = self.events.send(PartitionEvent::Assigned(parts));
+        }
+    }
+}
+
+/// Membership of one consumer group on one topic (see the module docs).
+pub struct KafkaGroup {
+    topic: String,
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    routes: Routes,
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<PartitionEvent>>,
+    writer: Arc<TxnCoordinator>,
+    stop: Arc<AtomicBool>,
+    poller: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl KafkaGroup {
+    fn join(s: &KafkaSettings, group: &str, topic: &str, transactional_id: &str) -> Result<Self, IoError> {
+        let (etx, erx) = mpsc::unbounded_channel();
+        let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumer: BaseConsumer<GroupContext> = s
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", s.session_timeout_ms.to_string())
+            .set("fetch.wait.max.ms", "10")
+            .set("queued.max.messages.kbytes", "16384")
+            .create_with_context(GroupContext {
+                topic: topic.to_string(),
+                events: etx,
+                routes: routes.clone(),
+                stopping: stop.clone(),
+            })
+            .map_err(|e| IoError::Fatal(format!("kafka group consumer: {e}")))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| kafka_error("subscribe", e))?;
+        let consumer = Arc::new(consumer);
+        let meta_source = consumer.clone();
+        let writer = TxnCoordinator::start(
+            s,
+            transactional_id,
+            Some(Arc::new(move || meta_source.group_metadata())),
+        )?;
+        let poller = {
+            let consumer = consumer.clone();
+            let routes = routes.clone();
+            let stop = stop.clone();
+            let topic = topic.to_string();
+            std::thread::Builder::new()
+                .name(format!("group-{topic}"))
+                .spawn(move || poll_loop(consumer, routes, stop, topic))
+                .map_err(|e| IoError::Fatal(format!("group thread: {e}")))?
+        };
+        Ok(KafkaGroup {
+            topic: topic.to_string(),
+            consumer,
+            routes,
+            events: tokio::sync::Mutex::new(erx),
+            writer: Arc::new(writer),
+            stop,
+            poller: Mutex::new(Some(poller)),
+        })
+    }
+}
+
+fn tpl_one(topic: &str, p: u32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, p as i32);
+    tpl
+}
+
+/// Push an item to a partition's route: to its channel, or to the overflow
+/// (pausing the partition) when the reader is behind or not there yet.
+fn route_item(consumer: &BaseConsumer<GroupContext>, topic: &str, route: &mut Route, p: u32, item: Item) {
+    if route.overflow.is_empty() {
+        if let Some(tx) = &route.tx {
+            match tx.try_send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(item)) => route.overflow.push_back(item),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    route.tx = None;
+                    return;
+                }
+            }
+        } else {
+            route.overflow.push_back(item);
+        }
+    } else {
+        route.overflow.push_back(item);
+    }
+    if !route.paused && route.overflow.len() >= PARTITION_BUFFER {
+        if consumer.pause(&tpl_one(topic, p)).is_ok() {
+            route.paused = true;
+        }
+    }
+}
+
+fn poll_loop(
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    routes: Routes,
+    stop: Arc<AtomicBool>,
+    topic: String,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(20)) {
+            Some(Ok(m)) => {
+                let r = to_record(&m);
+                let mut routes = routes.lock().expect("routes lock");
+                if let Some(route) = routes.get_mut(&r.partition) {
+                    let p = r.partition;
+                    route_item(&consumer, &topic, route, p, Item::Rec(r));
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                let mut routes = routes.lock().expect("routes lock");
+                if let Some(route) = routes.get_mut(&(p as u32)) {
+                    route_item(&consumer, &topic, route, p as u32, Item::Eof);
+                }
+            }
+            Some(Err(e)) => tracing::warn!(topic = %topic, error = %e, "group consumer error"),
+            None => {}
+        }
+        // Move overflow into channels that have room; resume drained partitions.
+        let mut routes = routes.lock().expect("routes lock");
+        for (p, route) in routes.iter_mut() {
+            let Some(tx) = route.tx.clone() else { continue };
+            while let Some(item) = route.overflow.pop_front() {
+                match tx.try_send(item) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(item)) => {
+                        route.overflow.push_front(item);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        route.tx = None;
+                        break;
+                    }
+                }
+            }
+            if route.paused && route.overflow.len() < PARTITION_BUFFER / 2 {
+                if consumer.resume(&tpl_one(&topic, *p)).is_ok() {
+                    route.paused = false;
+                }
+            }
+        }
+    }
+    // Leave the group: revoke (the partitions were drained already) and close.
+    consumer.unsubscribe();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        if consumer.poll(Duration::from_millis(50)).is_none() && consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+            break;
+        }
+    }
+}
+
+/// A reader of an owned partition, fed by the group's poll thread. "No
+/// record within `wait`" is what caught up means here (the contract's idle
+/// rule), so it needs no end-of-partition marker.
+struct GroupReader {
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    topic: String,
+    partition: u32,
+    rx: mpsc::Receiver<Item>,
+    position: u64,
+    /// A seek to `position` is under way: records before the one at
+    /// `position` are stale and dropped.
+    seeking: bool,
+}
+
+impl GroupReader {
+    /// Seek the consumer to our position, off the async workers.
+    fn start_seek(&mut self) {
+        self.seeking = true;
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let (p, o) = (self.partition as i32, self.position as i64);
+        std::thread::spawn(move || {
+            for attempt in 0..50 {
+                match consumer.seek(&topic, p, Offset::Offset(o), Duration::from_secs(5)) {
+                    Ok(()) => return,
+                    Err(e) if attempt == 49 => {
+                        tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "seek failed")
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl PartitionReader for GroupReader {
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        loop {
+            let item = if out.is_empty() {
+                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Err(_) => return Ok(out),
+                    Ok(i) => i,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(i) => Some(i),
+                    Err(mpsc::error::TryRecvError::Empty) => return Ok(out),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(item) = item else {
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+                return Err(IoError::Retryable(format!(
+                    "{}/{}: partition no longer owned",
+                    self.topic, self.partition
+                )));
+            };
+            let Item::Rec(r) = item else { continue };
+            if r.offset != self.position {
+                if self.seeking || r.offset < self.position {
+                    continue;
+                }
+                // The consumer is ahead of us (a restarted reader whose
+                // predecessor read past the committed offset): go back.
+                self.start_seek();
+                continue;
+            }
+            self.seeking = false;
+            self.position = r.offset + 1;
+            out.push(r);
+            if out.len() >= max {
+                return Ok(out);
+            }
+        }
+    }
+    fn position(&self) -> u64 {
+        self.position
+    }
+    fn seek(&mut self, offset: u64) {
+        self.position = offset;
+        self.start_seek();
+    }
+}
+
+#[async_trait::async_trait]
+impl GroupMember for KafkaGroup {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    async fn next_event(&self) -> Option<PartitionEvent> {
+        self.events.lock().await.recv().await
+    }
+
+    async fn committed(&self, partition: u32) -> Result<Option<u64>, IoError> {
+        let consumer = self.consumer.clone();
+        let tpl = tpl_one(&self.topic, partition);
+        let res = tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, OP_TIMEOUT))
+            .await
+            .map_err(|e| IoError::Fatal(format!("committed task: {e}")))?
+            .map_err(|e| kafka_error("committed offsets", e))?;
+        Ok(res
+            .elements()
+            .first()
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o as u64),
+                _ => None,
+            }))
+    }
+
+    async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {
+        let (tx, rx) = mpsc::channel(PARTITION_BUFFER);
+        {
+            let mut routes = self.routes.lock().expect("routes lock");
+            let route = routes.entry(partition).or_insert(Route {
+                tx: None,
+                overflow: VecDeque::new(),
+                paused: false,
+            });
+            route.tx = Some(tx);
+        }
+        Ok(Box::new(GroupReader {
+            consumer: self.consumer.clone(),
+            topic: self.topic.clone(),
+            partition,
+            rx,
+            position: from,
+            seeking: false,
+        }))
+    }
+
+    fn writer(&self) -> Arc<dyn TxnWriter> {
+        self.writer.clone()
+    }
+
+    async fn leave(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let handle = self.poller.lock().expect("poller lock").take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+impl Drop for KafkaGroup {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}

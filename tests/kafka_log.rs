@@ -1,0 +1,157 @@
+//! The Kafka adapter against a real Kafka-protocol broker (Tansu): topics,
+//! publishing, read_committed readers to EOF, transactions with group
+//! offsets, zombie fencing and rebalances of a consumer group.
+
+mod common;
+
+use common::tansu::Tansu;
+use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
+use smartmsg::io::{EventLog, IoError, OffsetCommit, OutRecord, PartitionEvent, TopicSpec, Txn};
+use std::time::Duration;
+
+fn settings(t: &Tansu, id: &str) -> KafkaSettings {
+    KafkaSettings {
+        brokers: t.brokers(),
+        session_timeout_ms: 6000,
+        replication_factor: 1,
+        client_id: id.into(),
+    }
+}
+
+fn spec(name: &str, partitions: u32) -> TopicSpec {
+    TopicSpec {
+        name: name.into(),
+        partitions,
+        compacted: false,
+    }
+}
+
+async fn read_all(log: &KafkaLog, topic: &str, partitions: u32) -> Vec<smartmsg::io::Record> {
+    let mut r = log.topic_reader(topic, &vec![0; partitions as usize]).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let recs = r.next_batch(1000, Duration::ZERO).await.unwrap();
+        if recs.is_empty() {
+            return out;
+        }
+        out.extend(recs);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_publish_and_read_to_the_end() {
+    let t = Tansu::start();
+    let log = KafkaLog::connect(settings(&t, "a")).await.unwrap();
+    log.ensure_topic(&spec("t1", 4)).await.unwrap();
+    log.ensure_topic(&spec("t1", 4)).await.unwrap();
+    assert_eq!(log.partitions("t1"), Some(4));
+    assert!(matches!(log.ensure_topic(&spec("t1", 2)).await, Err(IoError::Fatal(_))));
+    let recs: Vec<OutRecord> = (0..100)
+        .map(|i| OutRecord::keyed("t1", format!("k{}", i % 10), Some(format!("v{i}").into_bytes())))
+        .collect();
+    let w = log.publish(recs).await.unwrap();
+    // Same key, same partition (murmur2), as the embedded log decides.
+    assert_eq!(w[0].partition, smartmsg::domain::partition::partition_for(b"k0", 4));
+    assert_eq!(w[0].partition, w[10].partition);
+    let all = read_all(&log, "t1", 4).await;
+    assert_eq!(all.len(), 100);
+    let mut one = log.reader("t1", w[0].partition, 0);
+    let first = one.next_batch(1000, Duration::ZERO).await.unwrap();
+    assert!(first.iter().all(|r| r.partition == w[0].partition));
+    assert!(!first.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_commit_records_and_group_offsets_and_fence_zombies() {
+    let t = Tansu::start();
+    let log = KafkaLog::connect(settings(&t, "b")).await.unwrap();
+    log.ensure_topic(&spec("in", 2)).await.unwrap();
+    log.ensure_topic(&spec("out", 2)).await.unwrap();
+    log.publish((0..10).map(|i| OutRecord::keyed("in", format!("k{i}"), Some(vec![1]))).collect())
+        .await
+        .unwrap();
+    let member = log.join_group("g1", "in", "txn-g1-a").await.unwrap();
+    let assigned = tokio::time::timeout(Duration::from_secs(30), member.next_event())
+        .await
+        .expect("assignment within 30 s")
+        .unwrap();
+    let PartitionEvent::Assigned(mut parts) = assigned else { panic!("{assigned:?}") };
+    parts.sort();
+    assert_eq!(parts, vec![0, 1]);
+    let p = 0;
+    let from = member.committed(p).await.unwrap().unwrap_or(0);
+    assert_eq!(from, 0);
+    let mut reader = member.reader(p, from).await.unwrap();
+    let got = reader.next_batch(100, Duration::from_secs(5)).await.unwrap();
+    assert!(!got.is_empty());
+    let next = got.last().unwrap().offset + 1;
+    let w = member
+        .writer()
+        .commit(Txn {
+            records: vec![OutRecord::keyed("out", "x", Some(b"committed".to_vec()))],
+            offsets: vec![OffsetCommit { group: "g1".into(), topic: "in".into(), partition: p, next_offset: next }],
+        })
+        .await
+        .unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!(member.committed(p).await.unwrap(), Some(next));
+    let out = read_all(&log, "out", 2).await;
+    assert_eq!(out.len(), 1);
+
+    // Zombie fencing: a newer writer with the same transactional id.
+    let old = log.txn_writer("fence-me").await.unwrap();
+    old.commit(Txn { records: vec![OutRecord::keyed("out", "o", Some(b"1".to_vec()))], offsets: vec![] })
+        .await
+        .unwrap();
+    let new = log.txn_writer("fence-me").await.unwrap();
+    new.commit(Txn { records: vec![OutRecord::keyed("out", "n", Some(b"2".to_vec()))], offsets: vec![] })
+        .await
+        .unwrap();
+    let res = old
+        .commit(Txn { records: vec![OutRecord::keyed("out", "o", Some(b"3".to_vec()))], offsets: vec![] })
+        .await;
+    assert!(matches!(res, Err(IoError::Fenced(_)) | Err(IoError::Fatal(_))), "{res:?}");
+    // And it stays stopped: never retried forever.
+    let again = old
+        .commit(Txn { records: vec![OutRecord::keyed("out", "o", Some(b"4".to_vec()))], offsets: vec![] })
+        .await;
+    assert!(again.is_err());
+    member.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_member_takes_partitions_after_a_drained_revoke() {
+    let t = Tansu::start();
+    let log = KafkaLog::connect(settings(&t, "c")).await.unwrap();
+    log.ensure_topic(&spec("rb", 4)).await.unwrap();
+    let a = log.join_group("g2", "rb", "txn-g2-a").await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), a.next_event()).await.unwrap().unwrap();
+    assert!(matches!(&first, PartitionEvent::Assigned(p) if p.len() == 4), "{first:?}");
+    let log_b = KafkaLog::connect(settings(&t, "d")).await.unwrap();
+    let b = log_b.join_group("g2", "rb", "txn-g2-b").await.unwrap();
+    // a is asked to give partitions back and acknowledges after "draining".
+    let ev = tokio::time::timeout(Duration::from_secs(30), a.next_event()).await.unwrap().unwrap();
+    match ev {
+        PartitionEvent::Revoked { partitions, done } => {
+            assert!(!partitions.is_empty());
+            done.send(()).unwrap();
+        }
+        other => panic!("expected a revoke, got {other:?}"),
+    }
+    let mut a_now = Vec::new();
+    let mut b_now = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while a_now.len() + b_now.len() < 4 {
+        tokio::select! {
+            Some(e) = a.next_event() => if let PartitionEvent::Assigned(p) = e { a_now.extend(p) },
+            Some(e) = b.next_event() => if let PartitionEvent::Assigned(p) = e { b_now.extend(p) },
+            _ = tokio::time::sleep_until(deadline) => panic!("rebalance incomplete: a {a_now:?} b {b_now:?}"),
+        }
+    }
+    assert!(!b_now.is_empty(), "the new member owns partitions");
+    let mut all: Vec<u32> = a_now.iter().chain(b_now.iter()).copied().collect();
+    all.sort();
+    assert_eq!(all, vec![0, 1, 2, 3], "each partition owned once");
+    b.leave().await;
+    a.leave().await;
+}
