@@ -27,7 +27,9 @@ fn spec(name: &str, partitions: u32) -> TopicSpec {
 }
 
 async fn read_all(log: &KafkaLog, topic: &str, partitions: u32) -> Vec<smartmsg::io::Record> {
-    let mut r = log.topic_reader(topic, &vec![0; partitions as usize]).unwrap();
+    let mut r = log
+        .topic_reader(topic, &vec![0; partitions as usize])
+        .unwrap();
     let mut out = Vec::new();
     loop {
         let recs = r.next_batch(1000, Duration::ZERO).await.unwrap();
@@ -45,13 +47,25 @@ async fn topics_publish_and_read_to_the_end() {
     log.ensure_topic(&spec("t1", 4)).await.unwrap();
     log.ensure_topic(&spec("t1", 4)).await.unwrap();
     assert_eq!(log.partitions("t1"), Some(4));
-    assert!(matches!(log.ensure_topic(&spec("t1", 2)).await, Err(IoError::Fatal(_))));
+    assert!(matches!(
+        log.ensure_topic(&spec("t1", 2)).await,
+        Err(IoError::Fatal(_))
+    ));
     let recs: Vec<OutRecord> = (0..100)
-        .map(|i| OutRecord::keyed("t1", format!("k{}", i % 10), Some(format!("v{i}").into_bytes())))
+        .map(|i| {
+            OutRecord::keyed(
+                "t1",
+                format!("k{}", i % 10),
+                Some(format!("v{i}").into_bytes()),
+            )
+        })
         .collect();
     let w = log.publish(recs).await.unwrap();
     // Same key, same partition (murmur2), as the embedded log decides.
-    assert_eq!(w[0].partition, smartmsg::domain::partition::partition_for(b"k0", 4));
+    assert_eq!(
+        w[0].partition,
+        smartmsg::domain::partition::partition_for(b"k0", 4)
+    );
     assert_eq!(w[0].partition, w[10].partition);
     let all = read_all(&log, "t1", 4).await;
     assert_eq!(all.len(), 100);
@@ -67,29 +81,43 @@ async fn transactions_commit_records_and_group_offsets_and_fence_zombies() {
     let log = KafkaLog::connect(settings(&t, "b")).await.unwrap();
     log.ensure_topic(&spec("in", 2)).await.unwrap();
     log.ensure_topic(&spec("out", 2)).await.unwrap();
-    log.publish((0..10).map(|i| OutRecord::keyed("in", format!("k{i}"), Some(vec![1]))).collect())
-        .await
-        .unwrap();
+    log.publish(
+        (0..10)
+            .map(|i| OutRecord::keyed("in", format!("k{i}"), Some(vec![1])))
+            .collect(),
+    )
+    .await
+    .unwrap();
     let member = log.join_group("g1", "in", "txn-g1-a").await.unwrap();
     let assigned = tokio::time::timeout(Duration::from_secs(30), member.next_event())
         .await
         .expect("assignment within 30 s")
         .unwrap();
-    let PartitionEvent::Assigned(mut parts) = assigned else { panic!("{assigned:?}") };
+    let PartitionEvent::Assigned(mut parts) = assigned else {
+        panic!("{assigned:?}")
+    };
     parts.sort();
     assert_eq!(parts, vec![0, 1]);
     let p = 0;
     let from = member.committed(p).await.unwrap().unwrap_or(0);
     assert_eq!(from, 0);
     let mut reader = member.reader(p, from).await.unwrap();
-    let got = reader.next_batch(100, Duration::from_secs(5)).await.unwrap();
+    let got = reader
+        .next_batch(100, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert!(!got.is_empty());
     let next = got.last().unwrap().offset + 1;
     let w = member
         .writer()
         .commit(Txn {
             records: vec![OutRecord::keyed("out", "x", Some(b"committed".to_vec()))],
-            offsets: vec![OffsetCommit { group: "g1".into(), topic: "in".into(), partition: p, next_offset: next }],
+            offsets: vec![OffsetCommit {
+                group: "g1".into(),
+                topic: "in".into(),
+                partition: p,
+                next_offset: next,
+            }],
         })
         .await
         .unwrap();
@@ -100,20 +128,35 @@ async fn transactions_commit_records_and_group_offsets_and_fence_zombies() {
 
     // Zombie fencing: a newer writer with the same transactional id.
     let old = log.txn_writer("fence-me").await.unwrap();
-    old.commit(Txn { records: vec![OutRecord::keyed("out", "o", Some(b"1".to_vec()))], offsets: vec![] })
-        .await
-        .unwrap();
+    old.commit(Txn {
+        records: vec![OutRecord::keyed("out", "o", Some(b"1".to_vec()))],
+        offsets: vec![],
+    })
+    .await
+    .unwrap();
     let new = log.txn_writer("fence-me").await.unwrap();
-    new.commit(Txn { records: vec![OutRecord::keyed("out", "n", Some(b"2".to_vec()))], offsets: vec![] })
-        .await
-        .unwrap();
+    new.commit(Txn {
+        records: vec![OutRecord::keyed("out", "n", Some(b"2".to_vec()))],
+        offsets: vec![],
+    })
+    .await
+    .unwrap();
     let res = old
-        .commit(Txn { records: vec![OutRecord::keyed("out", "o", Some(b"3".to_vec()))], offsets: vec![] })
+        .commit(Txn {
+            records: vec![OutRecord::keyed("out", "o", Some(b"3".to_vec()))],
+            offsets: vec![],
+        })
         .await;
-    assert!(matches!(res, Err(IoError::Fenced(_)) | Err(IoError::Fatal(_))), "{res:?}");
+    assert!(
+        matches!(res, Err(IoError::Fenced(_)) | Err(IoError::Fatal(_))),
+        "{res:?}"
+    );
     // And it stays stopped: never retried forever.
     let again = old
-        .commit(Txn { records: vec![OutRecord::keyed("out", "o", Some(b"4".to_vec()))], offsets: vec![] })
+        .commit(Txn {
+            records: vec![OutRecord::keyed("out", "o", Some(b"4".to_vec()))],
+            offsets: vec![],
+        })
         .await;
     assert!(again.is_err());
     member.leave().await;
@@ -125,12 +168,21 @@ async fn a_second_member_takes_partitions_after_a_drained_revoke() {
     let log = KafkaLog::connect(settings(&t, "c")).await.unwrap();
     log.ensure_topic(&spec("rb", 4)).await.unwrap();
     let a = log.join_group("g2", "rb", "txn-g2-a").await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(30), a.next_event()).await.unwrap().unwrap();
-    assert!(matches!(&first, PartitionEvent::Assigned(p) if p.len() == 4), "{first:?}");
+    let first = tokio::time::timeout(Duration::from_secs(30), a.next_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&first, PartitionEvent::Assigned(p) if p.len() == 4),
+        "{first:?}"
+    );
     let log_b = KafkaLog::connect(settings(&t, "d")).await.unwrap();
     let b = log_b.join_group("g2", "rb", "txn-g2-b").await.unwrap();
     // a is asked to give partitions back and acknowledges after "draining".
-    let ev = tokio::time::timeout(Duration::from_secs(30), a.next_event()).await.unwrap().unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(30), a.next_event())
+        .await
+        .unwrap()
+        .unwrap();
     match ev {
         PartitionEvent::Revoked { partitions, done } => {
             assert!(!partitions.is_empty());

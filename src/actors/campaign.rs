@@ -44,14 +44,16 @@ pub struct CampaignActorState {
     state: CampaignState,
 }
 
-/// Read one campaign's events from its partition of `campaign-events`.
+/// Read one campaign's (or every campaign's) events from a partition of
+/// `campaign-events`, deduplicated by identity `(campaign_id, seq)` with the
+/// last record winning: a broker may show records of aborted transactions.
 pub async fn load_events(
     ctx: &SharedCtx,
     partition: u32,
     campaign_id: Option<&str>,
 ) -> Result<Vec<Event>, ActorProcessingErr> {
     let mut reader = ctx.log.reader(&ctx.topics.events, partition, 0);
-    let mut out = Vec::new();
+    let mut by_identity: std::collections::BTreeMap<(String, u64), Event> = Default::default();
     loop {
         let recs = reader.next_batch(5000, Duration::ZERO).await?;
         if recs.is_empty() {
@@ -64,7 +66,9 @@ pub async fn load_events(
                 }
             }
             match r.value.as_deref().map(serde_json::from_slice::<Event>) {
-                Some(Ok(e)) => out.push(e),
+                Some(Ok(e)) => {
+                    by_identity.insert((e.campaign_id.clone(), e.seq), e);
+                }
                 _ => tracing::error!(
                     partition,
                     offset = r.offset,
@@ -73,7 +77,7 @@ pub async fn load_events(
             }
         }
     }
-    Ok(out)
+    Ok(by_identity.into_values().collect())
 }
 
 pub fn job_of(state: &CampaignState) -> Option<Job> {

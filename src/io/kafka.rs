@@ -65,7 +65,9 @@ pub fn kafka_error(what: &str, e: KafkaError) -> IoError {
         };
     }
     match e.rdkafka_error_code() {
-        Some(C::ProducerFenced | C::InvalidProducerEpoch) => IoError::Fenced(format!("{what}: {e}")),
+        Some(C::ProducerFenced | C::InvalidProducerEpoch) => {
+            IoError::Fenced(format!("{what}: {e}"))
+        }
         Some(
             C::UnknownTopicOrPartition
             | C::TopicAuthorizationFailed
@@ -78,6 +80,27 @@ pub fn kafka_error(what: &str, e: KafkaError) -> IoError {
         _ => IoError::Retryable(format!("{what}: {e}")),
     }
 }
+
+/// Client context that keeps librdkafka's end-of-partition notices (which
+/// the readers consume as data) out of the error log.
+pub struct QuietContext;
+
+fn log_client_error(error: KafkaError, reason: &str) {
+    if matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+    {
+        return;
+    }
+    tracing::warn!(error = %error, reason, "kafka client error");
+}
+
+impl ClientContext for QuietContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(error, reason);
+    }
+}
+
+impl ConsumerContext for QuietContext {}
 
 /// Connection settings of the adapter, from the `[kafka]` section.
 #[derive(Debug, Clone)]
@@ -225,7 +248,10 @@ impl EventLog for KafkaLog {
                 let res = self
                     .inner
                     .admin
-                    .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT)))
+                    .create_topics(
+                        &[topic],
+                        &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT)),
+                    )
                     .await
                     .map_err(|e| kafka_error("create topics", e))?;
                 for r in res {
@@ -309,11 +335,19 @@ impl EventLog for KafkaLog {
     }
 
     fn reader(&self, topic: &str, partition: u32, from: u64) -> Box<dyn PartitionReader> {
-        Box::new(KafkaReader::new(self.settings(), topic, &[(partition, from)]))
+        Box::new(KafkaReader::new(
+            self.settings(),
+            topic,
+            &[(partition, from)],
+        ))
     }
 
     fn topic_reader(&self, topic: &str, from: &[u64]) -> Result<Box<dyn TopicReader>, IoError> {
-        let parts: Vec<(u32, u64)> = from.iter().enumerate().map(|(p, o)| (p as u32, *o)).collect();
+        let parts: Vec<(u32, u64)> = from
+            .iter()
+            .enumerate()
+            .map(|(p, o)| (p as u32, *o))
+            .collect();
         Ok(Box::new(KafkaReader::new(self.settings(), topic, &parts)))
     }
 
@@ -323,7 +357,12 @@ impl EventLog for KafkaLog {
         topic: &str,
         transactional_id: &str,
     ) -> Result<Arc<dyn GroupMember>, IoError> {
-        Ok(Arc::new(KafkaGroup::join(self.settings(), group, topic, transactional_id)?))
+        Ok(Arc::new(KafkaGroup::join(
+            self.settings(),
+            group,
+            topic,
+            transactional_id,
+        )?))
     }
 
     async fn healthcheck(&self) -> Result<(), IoError> {
@@ -343,7 +382,7 @@ impl EventLog for KafkaLog {
 /// A `read_committed` reader of some partitions of one topic, outside any
 /// group. "Caught up" means every assigned partition reported EOF.
 struct KafkaReader {
-    consumer: Option<StreamConsumer>,
+    consumer: Option<StreamConsumer<QuietContext>>,
     error: Option<String>,
     topic: String,
     /// partition -> next offset.
@@ -360,7 +399,10 @@ impl KafkaReader {
             positions: parts.iter().copied().collect(),
             at_eof: parts.iter().map(|(p, _)| (*p, false)).collect(),
         };
-        match s.reader_config().create::<StreamConsumer>() {
+        match s
+            .reader_config()
+            .create_with_context::<_, StreamConsumer<QuietContext>>(QuietContext)
+        {
             Ok(c) => {
                 r.consumer = Some(c);
                 if let Err(e) = r.assign() {
@@ -476,7 +518,11 @@ struct DeliveryContext {
     results: Mutex<Vec<Option<Result<Written, String>>>>,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(error, reason);
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = usize;
@@ -603,7 +649,8 @@ fn run_txn(
     let mut offsets: BTreeMap<(String, u32), u64> = BTreeMap::new();
     for req in reqs {
         for r in &req.txn.records {
-            let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&r.topic, idx);
+            let mut rec: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(&r.topic, idx);
             if let Some(k) = &r.key {
                 rec = rec.key(k.as_slice());
             }
@@ -654,8 +701,14 @@ fn run_txn(
     for (i, r) in results.into_iter().enumerate() {
         match r {
             Some(Ok(w)) => flat.push(w),
-            Some(Err(e)) => return Err(IoError::Retryable(format!("record {i} not delivered: {e}"))),
-            None => return Err(IoError::Retryable(format!("record {i}: no delivery report"))),
+            Some(Err(e)) => {
+                return Err(IoError::Retryable(format!("record {i} not delivered: {e}")))
+            }
+            None => {
+                return Err(IoError::Retryable(format!(
+                    "record {i}: no delivery report"
+                )))
+            }
         }
     }
     let mut out = Vec::with_capacity(reqs.len());
@@ -703,7 +756,11 @@ struct GroupContext {
     stopping: Arc<AtomicBool>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(error, reason);
+    }
+}
 
 fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<u32> {
     tpl.elements()
@@ -735,7 +792,9 @@ impl ConsumerContext for GroupContext {
                 let mut wait = wait;
                 loop {
                     match wait.try_recv() {
-                        Err(tokio::sync::oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                        Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                            if Instant::now() < deadline =>
+                        {
                             std::thread::sleep(Duration::from_millis(5));
                         }
                         _ => break,
@@ -782,7 +841,12 @@ pub struct KafkaGroup {
 }
 
 impl KafkaGroup {
-    fn join(s: &KafkaSettings, group: &str, topic: &str, transactional_id: &str) -> Result<Self, IoError> {
+    fn join(
+        s: &KafkaSettings,
+        group: &str,
+        topic: &str,
+        transactional_id: &str,
+    ) -> Result<Self, IoError> {
         let (etx, erx) = mpsc::unbounded_channel();
         let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -844,7 +908,13 @@ fn tpl_one(topic: &str, p: u32) -> TopicPartitionList {
 
 /// Push an item to a partition's route: to its channel, or to the overflow
 /// (pausing the partition) when the reader is behind or not there yet.
-fn route_item(consumer: &BaseConsumer<GroupContext>, topic: &str, route: &mut Route, p: u32, item: Item) {
+fn route_item(
+    consumer: &BaseConsumer<GroupContext>,
+    topic: &str,
+    route: &mut Route,
+    p: u32,
+    item: Item,
+) {
     if route.overflow.is_empty() {
         if let Some(tx) = &route.tx {
             match tx.try_send(item) {
@@ -921,7 +991,12 @@ fn poll_loop(
     consumer.unsubscribe();
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
-        if consumer.poll(Duration::from_millis(50)).is_none() && consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+        if consumer.poll(Duration::from_millis(50)).is_none()
+            && consumer
+                .assignment()
+                .map(|a| a.count() == 0)
+                .unwrap_or(true)
+        {
             break;
         }
     }
@@ -1033,13 +1108,10 @@ impl GroupMember for KafkaGroup {
             .await
             .map_err(|e| IoError::Fatal(format!("committed task: {e}")))?
             .map_err(|e| kafka_error("committed offsets", e))?;
-        Ok(res
-            .elements()
-            .first()
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) if o >= 0 => Some(o as u64),
-                _ => None,
-            }))
+        Ok(res.elements().first().and_then(|e| match e.offset() {
+            Offset::Offset(o) if o >= 0 => Some(o as u64),
+            _ => None,
+        }))
     }
 
     async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {

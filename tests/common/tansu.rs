@@ -35,7 +35,13 @@ impl Tansu {
         let port = super::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

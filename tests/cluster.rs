@@ -1,0 +1,313 @@
+//! Cluster mode against a real Kafka-protocol broker (Tansu): three daemons
+//! as child processes share the work through the consumer group; commands
+//! are posted to random nodes while one node is SIGKILLed and restarted.
+//! Afterwards `campaign-events` (read_committed, deduplicated by
+//! (campaign_id, seq) because Tansu shows aborted transactions) holds each
+//! accepted command exactly once, per-campaign seq is gapless, and every
+//! node's read model agrees with the log.
+
+mod common;
+
+use common::tansu::Tansu;
+use common::{client, eventually, free_port, now_ms};
+use rand::Rng;
+use serde_json::{json, Value};
+use smartmsg::domain::campaign::{Event, EventBody};
+use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
+use smartmsg::io::EventLog;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const PARTITIONS: u32 = 6;
+
+struct Node {
+    id: String,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn start(&mut self, brokers: &str) {
+        let child = Command::new(env!("CARGO_BIN_EXE_smartmsg"))
+            .arg("run")
+            .env("SMARTMSG__BACKEND__KIND", "cluster")
+            .env("SMARTMSG__KAFKA__BROKERS", brokers)
+            .env("SMARTMSG__KAFKA__PARTITIONS", PARTITIONS.to_string())
+            .env("SMARTMSG__KAFKA__SESSION_TIMEOUT_MS", "6000")
+            .env("SMARTMSG__NODE__ID", &self.id)
+            .env("SMARTMSG__STORAGE__DATA_DIR", &self.dir)
+            .env("SMARTMSG__HTTP__LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("SMARTMSG__LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("daemon starts");
+        self.child = Some(child);
+    }
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            for _ in 0..400 {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn healthy(base: &str) {
+    let c = client();
+    eventually("node healthy", Duration::from_secs(60), || async {
+        match c.get(format!("{base}/healthz")).send().await {
+            Ok(r) if r.status() == 200 => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
+
+/// Post to a random live node; retry on another node when one is down.
+async fn post(c: &reqwest::Client, nodes: &[Node], path: &str, body: &Value) -> u16 {
+    for attempt in 0..60 {
+        let n = &nodes[rand::thread_rng().gen_range(0..nodes.len())];
+        if n.child.is_none() {
+            continue;
+        }
+        match c
+            .request(
+                if path.ends_with("/budget") {
+                    reqwest::Method::PUT
+                } else {
+                    reqwest::Method::POST
+                },
+                format!("{}{path}", n.base()),
+            )
+            .json(body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_server_error() => {}
+            Ok(r) => return r.status().as_u16(),
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50 * (attempt + 1).min(10))).await;
+    }
+    panic!("no node accepted {path}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_one_killed_every_command_applied_exactly_once() {
+    let tansu = Tansu::start();
+    let brokers = tansu.brokers();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            id: format!("node-{i}"),
+            port: free_port(),
+            dir: root.path().join(format!("n{i}")),
+            child: None,
+        })
+        .collect();
+    // Start one first so the topics exist, then the others.
+    nodes[0].start(&brokers);
+    healthy(&nodes[0].base()).await;
+    nodes[1].start(&brokers);
+    nodes[2].start(&brokers);
+    for n in &nodes {
+        healthy(&n.base()).await;
+    }
+    let c = client();
+
+    // 200 campaigns, far in the future (no batches fire during the test).
+    let campaigns = 200;
+    let start = now_ms() + 3_600_000;
+    for i in 0..campaigns {
+        let body = json!({"campaign_id": format!("c{i}"), "command_id": format!("c{i}-create"),
+            "channel_id": "ch", "creatives": [{"creative_id": "a", "text": "A"}],
+            "budget": 100, "start_at": start, "end_at": start + 600_000, "batch_interval_secs": 60});
+        assert_eq!(post(&c, &nodes, "/v1/campaigns", &body).await, 202);
+    }
+    // Every node's read model knows every campaign before budgets are set.
+    for n in &nodes {
+        let base = n.base();
+        eventually(
+            "campaigns materialised",
+            Duration::from_secs(120),
+            || async {
+                let v: Value = c
+                    .get(format!("{base}/v1/campaigns"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (v["campaigns"].as_array()?.len() == campaigns).then_some(())
+            },
+        )
+        .await;
+    }
+    // 1,800 budget commands to random nodes; node-1 is SIGKILLed at a third
+    // and restarted at two thirds.
+    let mut expected_budget: HashMap<String, u64> = HashMap::new();
+    let mut command_ids = Vec::new();
+    let total = campaigns * 9;
+    for k in 0..total {
+        if k == total / 3 {
+            nodes[1].kill9();
+        }
+        if k == 2 * total / 3 {
+            let b = brokers.clone();
+            nodes[1].start(&b);
+        }
+        let i = k % campaigns;
+        let round = k / campaigns;
+        let id = format!("c{i}");
+        let budget = 200 + round as u64;
+        let cmd_id = format!("c{i}-budget-{round}");
+        let body = json!({"budget": budget, "command_id": cmd_id});
+        let status = post(&c, &nodes, &format!("/v1/campaigns/{id}/budget"), &body).await;
+        assert_eq!(status, 202, "{cmd_id}");
+        expected_budget.insert(id, budget);
+        command_ids.push(cmd_id);
+    }
+    healthy(&nodes[1].base()).await;
+
+    // Every command ends applied, visible on every node.
+    for n in &nodes {
+        let base = n.base();
+        for id in command_ids.iter().step_by(97) {
+            eventually("command applied", Duration::from_secs(120), || async {
+                let v: Value = c
+                    .get(format!("{base}/v1/commands/{id}"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (v["status"] == "applied").then_some(())
+            })
+            .await;
+        }
+    }
+    // The log, deduplicated by identity (Tansu shows aborted records too).
+    let log = KafkaLog::connect(KafkaSettings {
+        brokers: brokers.clone(),
+        session_timeout_ms: 6000,
+        replication_factor: 1,
+        client_id: "checker".into(),
+    })
+    .await
+    .unwrap();
+    let read_events = || async {
+        let mut r = log
+            .topic_reader("smartmsg.campaign-events", &vec![0; PARTITIONS as usize])
+            .unwrap();
+        let mut by_id: BTreeMap<(String, u64), Event> = BTreeMap::new();
+        loop {
+            let recs = r.next_batch(5000, Duration::ZERO).await.unwrap();
+            if recs.is_empty() {
+                break;
+            }
+            for rec in recs {
+                let e: Event = serde_json::from_slice(&rec.value.unwrap()).unwrap();
+                by_id.insert((e.campaign_id.clone(), e.seq), e);
+            }
+        }
+        by_id
+    };
+    let events = eventually(
+        "every command in the log",
+        Duration::from_secs(120),
+        || async {
+            let ev = read_events().await;
+            (ev.len() == campaigns * 11).then_some(ev)
+        },
+    )
+    .await;
+    let mut per_campaign: BTreeMap<String, Vec<&Event>> = BTreeMap::new();
+    for e in events.values() {
+        per_campaign
+            .entry(e.campaign_id.clone())
+            .or_default()
+            .push(e);
+    }
+    assert_eq!(per_campaign.len(), campaigns);
+    for (id, evs) in &per_campaign {
+        let seqs: Vec<u64> = evs.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=11).collect::<Vec<u64>>(), "{id}: gapless seq");
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for e in evs {
+            assert!(
+                !matches!(e.body, EventBody::CommandRejected { .. }),
+                "{id}: {e:?}"
+            );
+            *count.entry(&e.command_id).or_default() += 1;
+        }
+        assert_eq!(count.len(), 10, "{id}: 10 commands");
+        assert_eq!(
+            count[format!("{id}-create").as_str()],
+            2,
+            "created + batch_scheduled"
+        );
+        for round in 0..9 {
+            assert_eq!(
+                count[format!("{id}-budget-{round}").as_str()],
+                1,
+                "{id} round {round}"
+            );
+        }
+    }
+    // Every node's read model agrees with the log.
+    for n in &nodes {
+        let base = n.base();
+        eventually("read model agrees", Duration::from_secs(60), || async {
+            let v: Value = c
+                .get(format!("{base}/v1/campaigns"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let list = v["campaigns"].as_array()?;
+            let ok = list.len() == campaigns
+                && list.iter().all(|camp| {
+                    let id = camp["campaign_id"].as_str().unwrap_or_default();
+                    camp["budget"].as_u64() == expected_budget.get(id).copied()
+                        && camp["status"] == "scheduled"
+                });
+            ok.then_some(())
+        })
+        .await;
+    }
+    for n in nodes.iter_mut() {
+        n.terminate();
+    }
+}
