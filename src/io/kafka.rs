@@ -931,10 +931,11 @@ fn route_item(
     } else {
         route.overflow.push_back(item);
     }
-    if !route.paused && route.overflow.len() >= PARTITION_BUFFER {
-        if consumer.pause(&tpl_one(topic, p)).is_ok() {
-            route.paused = true;
-        }
+    if !route.paused
+        && route.overflow.len() >= PARTITION_BUFFER
+        && consumer.pause(&tpl_one(topic, p)).is_ok()
+    {
+        route.paused = true;
     }
 }
 
@@ -980,10 +981,11 @@ fn poll_loop(
                     }
                 }
             }
-            if route.paused && route.overflow.len() < PARTITION_BUFFER / 2 {
-                if consumer.resume(&tpl_one(&topic, *p)).is_ok() {
-                    route.paused = false;
-                }
+            if route.paused
+                && route.overflow.len() < PARTITION_BUFFER / 2
+                && consumer.resume(&tpl_one(&topic, *p)).is_ok()
+            {
+                route.paused = false;
             }
         }
     }
