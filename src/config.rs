@@ -81,6 +81,8 @@ pub struct KafkaConfig {
 pub struct AmqpConfig {
     pub url: String,
     pub queue_prefix: String,
+    pub prefetch: u64,
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,6 +213,9 @@ impl Config {
                 "http.listen: {:?} is not an address like 127.0.0.1:8080",
                 self.http.listen
             ));
+        }
+        if self.amqp.prefetch == 0 || self.amqp.prefetch > 65535 {
+            errors.push("amqp.prefetch: must be within 1..=65535".into());
         }
         if self.kafka.replication_factor == 0 {
             errors.push("kafka.replication_factor: must be > 0".into());

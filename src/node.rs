@@ -15,6 +15,7 @@ use crate::actors::{Ctx, Readiness, SharedCtx, StateStores};
 use crate::clock::SharedClock;
 use crate::config::{BackendKind, Config};
 use crate::domain::model::Model;
+use crate::io::amqp::{AmqpSettings, RabbitDelayQueue};
 use crate::io::embedded_delay::EmbeddedDelayQueue;
 use crate::io::embedded_log::EmbeddedLog;
 use crate::io::kafka::{KafkaLog, KafkaSettings};
@@ -248,13 +249,18 @@ impl Node {
             ),
             BackendKind::Cluster => {
                 let kafka = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;
-                // Jobs are held by the node that owns the campaign's
-                // partition: a new owner re-publishes every pending batch
-                // on assignment, so ownership moves with the partition.
-                (
-                    Arc::new(kafka),
-                    Arc::new(EmbeddedDelayQueue::open(&db, "batches", clock.clone())?),
+                let queue = RabbitDelayQueue::open(
+                    AmqpSettings {
+                        url: cfg.amqp.url.clone(),
+                        prefix: cfg.amqp.queue_prefix.clone(),
+                        prefetch: cfg.amqp.prefetch as u16,
+                        connection_name: format!("smartmsg-{}", cfg.node_id()),
+                    },
+                    clock.clone(),
+                    Duration::from_millis(cfg.amqp.connect_timeout_ms),
                 )
+                .await?;
+                (Arc::new(kafka), Arc::new(queue))
             }
         };
         let topics = Topics::new(&cfg);
@@ -321,7 +327,7 @@ impl Node {
             .root
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(60)))
             .await;
-        let _ = self.db.flush_async().await;
+        let _ = crate::io::flush_db(&self.db).await;
         tracing::info!(node = %self.ctx.node_id, "stopped");
     }
 

@@ -27,6 +27,7 @@ struct Node {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    queue_prefix: String,
 }
 
 impl Node {
@@ -43,6 +44,7 @@ impl Node {
             .env("SMARTMSG__NODE__ID", &self.id)
             .env("SMARTMSG__STORAGE__DATA_DIR", &self.dir)
             .env("SMARTMSG__HTTP__LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("SMARTMSG__AMQP__QUEUE_PREFIX", &self.queue_prefix)
             .env("SMARTMSG__LOG__LEVEL", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -125,12 +127,15 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
     let tansu = Tansu::start();
     let brokers = tansu.brokers();
     let root = tempfile::tempdir().unwrap();
+    // Isolated RabbitMQ queue names, deleted at the end.
+    let queue_prefix = format!("test.cluster.{}.", uuid::Uuid::new_v4().simple());
     let mut nodes: Vec<Node> = (0..3)
         .map(|i| Node {
             id: format!("node-{i}"),
             port: free_port(),
             dir: root.path().join(format!("n{i}")),
             child: None,
+            queue_prefix: queue_prefix.clone(),
         })
         .collect();
     // Start one first so the topics exist, then the others.
@@ -310,4 +315,191 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
     for n in nodes.iter_mut() {
         n.terminate();
     }
+    let q = smartmsg::io::amqp::RabbitDelayQueue::open(
+        smartmsg::io::amqp::AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: queue_prefix,
+            prefetch: 10,
+            connection_name: "cluster-test-cleanup".into(),
+        },
+        std::sync::Arc::new(smartmsg::clock::SystemClock),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    q.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_execute_every_batch_exactly_once_through_rabbitmq() {
+    let tansu = Tansu::start();
+    let brokers = tansu.brokers();
+    let root = tempfile::tempdir().unwrap();
+    let queue_prefix = format!("test.batches.{}.", uuid::Uuid::new_v4().simple());
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            id: format!("bnode-{i}"),
+            port: free_port(),
+            dir: root.path().join(format!("b{i}")),
+            child: None,
+            queue_prefix: queue_prefix.clone(),
+        })
+        .collect();
+    nodes[0].start(&brokers);
+    healthy(&nodes[0].base()).await;
+    nodes[1].start(&brokers);
+    nodes[2].start(&brokers);
+    for n in &nodes {
+        healthy(&n.base()).await;
+    }
+    let c = client();
+    let r = c
+        .put(format!("{}/v1/channels/ch/subscribers", nodes[0].base()))
+        .body(common::subscribers_ndjson(500))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    for n in &nodes {
+        let base = n.base();
+        eventually("ready", Duration::from_secs(60), || async {
+            let r = c.get(format!("{base}/readyz")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+    // Let every node materialise the subscribers before batches run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let campaigns = 50;
+    let start = now_ms() + 4_000;
+    for i in 0..campaigns {
+        let body = json!({"campaign_id": format!("b{i}"), "channel_id": "ch",
+            "creatives": [{"creative_id": "a", "text": "A"}, {"creative_id": "b", "text": "B"}],
+            "budget": 50, "start_at": start, "end_at": start + 5_000, "batch_interval_secs": 1});
+        assert_eq!(post(&c, &nodes, "/v1/campaigns", &body).await, 202);
+    }
+    for n in &nodes {
+        let base = n.base();
+        eventually(
+            "all campaigns completed",
+            Duration::from_secs(120),
+            || async {
+                let v: Value = c
+                    .get(format!("{base}/v1/campaigns"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let list = v["campaigns"].as_array()?.clone();
+                (list.len() == campaigns && list.iter().all(|c| c["status"] == "completed"))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let log = KafkaLog::connect(KafkaSettings {
+        brokers: brokers.clone(),
+        session_timeout_ms: 6000,
+        replication_factor: 1,
+        client_id: "checker".into(),
+    })
+    .await
+    .unwrap();
+    let mut r = log
+        .topic_reader("smartmsg.campaign-events", &vec![0; PARTITIONS as usize])
+        .unwrap();
+    let mut events: BTreeMap<(String, u64), Event> = BTreeMap::new();
+    loop {
+        let recs = r.next_batch(5000, Duration::ZERO).await.unwrap();
+        if recs.is_empty() {
+            break;
+        }
+        for rec in recs {
+            let e: Event = serde_json::from_slice(&rec.value.unwrap()).unwrap();
+            events.insert((e.campaign_id.clone(), e.seq), e);
+        }
+    }
+    let mut assigned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut batches: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for e in events.values() {
+        if let EventBody::BatchExecuted {
+            batch,
+            size,
+            assignments,
+            ..
+        } = &e.body
+        {
+            batches
+                .entry(e.campaign_id.clone())
+                .or_default()
+                .push((*batch, *size));
+            for users in assignments.values() {
+                assigned
+                    .entry(e.campaign_id.clone())
+                    .or_default()
+                    .extend(users.iter().cloned());
+            }
+        }
+    }
+    assert_eq!(batches.len(), campaigns);
+    for (id, b) in &batches {
+        assert_eq!(
+            b,
+            &(0..5).map(|k| (k, 10)).collect::<Vec<_>>(),
+            "{id}: each batch once, paced"
+        );
+    }
+    let mut r = log
+        .topic_reader("smartmsg.outbound-messages", &vec![0; PARTITIONS as usize])
+        .unwrap();
+    let mut pairs: BTreeMap<(String, String), Value> = BTreeMap::new();
+    loop {
+        let recs = r.next_batch(5000, Duration::ZERO).await.unwrap();
+        if recs.is_empty() {
+            break;
+        }
+        for rec in recs {
+            let v: Value = serde_json::from_slice(&rec.value.unwrap()).unwrap();
+            let key = (
+                v["campaign_id"].as_str().unwrap().to_string(),
+                v["user_id"].as_str().unwrap().to_string(),
+            );
+            pairs.insert(key, v);
+        }
+    }
+    assert_eq!(
+        pairs.len(),
+        campaigns * 50,
+        "one message per (campaign, user)"
+    );
+    for (id, users) in &assigned {
+        let mut u = users.clone();
+        u.sort();
+        u.dedup();
+        assert_eq!(u.len(), 50, "{id}: 50 distinct users");
+        for user in &u {
+            assert!(
+                pairs.contains_key(&(id.clone(), user.clone())),
+                "{id}/{user} missing"
+            );
+        }
+    }
+    for n in nodes.iter_mut() {
+        n.terminate();
+    }
+    let q = smartmsg::io::amqp::RabbitDelayQueue::open(
+        smartmsg::io::amqp::AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: queue_prefix,
+            prefetch: 10,
+            connection_name: "cluster-test-cleanup-b".into(),
+        },
+        std::sync::Arc::new(smartmsg::clock::SystemClock),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    q.destroy().await.unwrap();
 }

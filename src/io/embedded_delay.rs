@@ -122,7 +122,7 @@ impl DelayQueue for EmbeddedDelayQueue {
         self.inner
             .tree
             .insert(&ready_key(job.due_at, id)[..], ser(&stored))?;
-        self.inner.db.flush_async().await?;
+        crate::io::flush_db(&self.inner.db).await?;
         self.inner.version.send_modify(|v| *v += 1);
         Ok(())
     }

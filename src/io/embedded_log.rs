@@ -210,7 +210,7 @@ impl EmbeddedLog {
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        self.inner.db.flush_async().await?;
+        crate::io::flush_db(&self.inner.db).await?;
         Ok(())
     }
 

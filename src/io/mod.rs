@@ -4,6 +4,7 @@
 //! backends here implement the traits on sled, the Kafka and RabbitMQ
 //! adapters implement the same traits for cluster mode.
 
+pub mod amqp;
 pub mod embedded_delay;
 pub mod embedded_log;
 pub mod http;
@@ -52,6 +53,16 @@ impl From<sled::transaction::TransactionError<IoError>> for IoError {
             sled::transaction::TransactionError::Storage(e) => e.into(),
         }
     }
+}
+
+/// Flush a sled database to disk off the async workers. (sled 0.34's
+/// `flush_async` can deadlock when called concurrently: sled issue #1308.)
+pub async fn flush_db(db: &sled::Db) -> Result<(), IoError> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || db.flush())
+        .await
+        .map_err(|e| IoError::Fatal(format!("flush task: {e}")))??;
+    Ok(())
 }
 
 /// A payload for a dead-letter record: the original bytes as text when they
