@@ -2,6 +2,7 @@
 //! advertising service. See README.md (Architecture) for the map.
 
 pub mod actors;
+pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -28,6 +28,11 @@ enum Cmd {
     },
     /// A complete simulated campaign on the embedded backends, ending with a report.
     Demo(smartmsg::demo::DemoArgs),
+    /// Benchmarks against the real services (JSON on the last line).
+    Bench {
+        #[command(subcommand)]
+        which: smartmsg::bench::BenchCmd,
+    },
     /// Print the effective configuration, or every error in it.
     CheckConfig {
         #[arg(long)]
@@ -78,6 +83,9 @@ fn main() -> anyhow::Result<()> {
             let cfg = load(config.as_ref());
             smartmsg::logging::init(&cfg);
             tokio::runtime::Runtime::new()?.block_on(run(cfg))
+        }
+        Cmd::Bench { which } => {
+            tokio::runtime::Runtime::new()?.block_on(smartmsg::bench::run(which))
         }
         Cmd::Demo(args) => {
             let cfg = load(None);

@@ -111,3 +111,36 @@ fn demo_runs_a_campaign_and_prints_the_report() {
     assert!(text.contains("batch  6/6"), "{text}");
     assert!(text.contains("targeting vs random"), "{text}");
 }
+
+#[test]
+fn bench_delay_queue_prints_its_json_line() {
+    let out = smartmsg()
+        .args([
+            "bench",
+            "delay-queue",
+            "--jobs",
+            "300",
+            "--spread-secs",
+            "3",
+            "--order",
+            "random",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = text.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["jobs"], 300);
+    assert_eq!(v["order"], "random");
+    assert_eq!(v["fired"], 300);
+    assert_eq!(v["lost"], 0);
+    for k in ["p50", "p99", "max"] {
+        assert!(v["lateness_ms"][k].is_number(), "{v}");
+    }
+    assert!(v["publish_jobs_per_s"].as_f64().unwrap() > 0.0);
+}

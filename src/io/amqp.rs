@@ -32,10 +32,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Tier hops aim to deliver a job at least this early, so the dead-letter
+/// hop's own latency (quorum queues dead-letter a burst of jobs that expire
+/// together a few at a time) never makes it late; the consumer holds it
+/// until due.
+pub const EARLY_MS: i64 = 600;
 /// Jobs with at most this much left wait in the consumer, unacked.
-pub const HOLD_MS: i64 = 1000;
+pub const HOLD_MS: i64 = 1000 + EARLY_MS;
+
 /// Highest tier: 2^20 s (about 12 days); longer delays take several rounds.
 pub const MAX_TIER: u32 = 20;
+/// Queues per tier. Quorum queues dead-letter with a bounded number of
+/// messages in flight each; jobs published together expire together, so a
+/// tier is split over several queues (by job) to dead-letter bursts in
+/// parallel.
+pub const TIER_SHARDS: u32 = 4;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings of the RabbitMQ delay queue.
@@ -54,8 +65,15 @@ impl AmqpSettings {
     pub fn ready_queue(&self) -> String {
         format!("{}batches.ready", self.prefix)
     }
-    pub fn tier_queue(&self, k: u32) -> String {
-        format!("{}batches.delay.{}s", self.prefix, 1u64 << k)
+    pub fn tier_queue(&self, k: u32, shard: u32) -> String {
+        format!("{}batches.delay.{}s.{shard}", self.prefix, 1u64 << k)
+    }
+    /// Every tier queue name.
+    pub fn tier_queues(&self) -> Vec<String> {
+        (0..=MAX_TIER)
+            .flat_map(|k| (0..TIER_SHARDS).map(move |s| (k, s)))
+            .map(|(k, s)| self.tier_queue(k, s))
+            .collect()
     }
 }
 
@@ -65,8 +83,10 @@ pub fn tier_for(remaining_ms: i64) -> Option<u32> {
     if remaining_ms <= HOLD_MS {
         return None;
     }
-    let secs = (remaining_ms / 1000).max(1) as u64;
-    Some((63 - secs.leading_zeros()).min(MAX_TIER))
+    (0..=MAX_TIER)
+        .rev()
+        .find(|&k| (1000i64 << k) + EARLY_MS <= remaining_ms)
+        .or(Some(0))
 }
 
 fn amqp_err(what: &str, e: lapin::Error) -> IoError {
@@ -131,7 +151,8 @@ async fn declare(ch: &Channel, s: &AmqpSettings) -> Result<(), IoError> {
     ch.queue_declare(s.ready_queue().into(), durable, quorum_args())
         .await
         .map_err(|e| amqp_err("declare ready queue", e))?;
-    for k in 0..=MAX_TIER {
+    for (i, name) in s.tier_queues().into_iter().enumerate() {
+        let k = i as u32 / TIER_SHARDS;
         let mut args = quorum_args();
         args.insert(
             "x-message-ttl".into(),
@@ -153,7 +174,7 @@ async fn declare(ch: &Channel, s: &AmqpSettings) -> Result<(), IoError> {
             "x-overflow".into(),
             AMQPValue::LongString("reject-publish".into()),
         );
-        ch.queue_declare(s.tier_queue(k).into(), durable, args)
+        ch.queue_declare(name.as_str().into(), durable, args)
             .await
             .map_err(|e| amqp_err("declare tier queue", e))?;
     }
@@ -245,8 +266,10 @@ impl Shared {
         let mut attempt = 0u32;
         loop {
             let remaining = job.due_at - self.clock.now_ms();
+            let shard = (crate::domain::model::stable_hash(&[job.command_id.as_bytes()])
+                % TIER_SHARDS as u64) as u32;
             let queue = match tier_for(remaining) {
-                Some(k) => self.s.tier_queue(k),
+                Some(k) => self.s.tier_queue(k, shard),
                 None => self.s.ready_queue(),
             };
             let res = async {
@@ -481,7 +504,7 @@ impl RabbitDelayQueue {
             .await
             .map_err(|e| amqp_err("channel", e))?;
         let mut names = vec![s.ready_queue()];
-        names.extend((0..=MAX_TIER).map(|k| s.tier_queue(k)));
+        names.extend(s.tier_queues());
         for n in names {
             ch.queue_delete(n.as_str().into(), QueueDeleteOptions::default())
                 .await
@@ -587,21 +610,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tiers_are_the_largest_power_of_two_not_above_the_delay() {
+    fn tiers_are_the_largest_that_still_deliver_early() {
         assert_eq!(tier_for(500), None);
-        assert_eq!(tier_for(1000), None);
-        assert_eq!(tier_for(1500), Some(0));
-        assert_eq!(tier_for(2000), Some(1));
-        assert_eq!(tier_for(3999), Some(1));
-        assert_eq!(tier_for(4000), Some(2));
+        assert_eq!(tier_for(HOLD_MS), None);
+        assert_eq!(tier_for(HOLD_MS + 1), Some(0));
         assert_eq!(tier_for(3_600_000), Some(11));
-        assert_eq!(tier_for(i64::MAX / 2), Some(MAX_TIER));
-        // A job only ever moves to strictly shorter tiers: after waiting
-        // 2^k s in tier k, less than 2^k s remain.
-        for ms in [1500i64, 2500, 7999, 65_000, 1_000_000] {
+        assert_eq!(tier_for(i64::MAX / 4), Some(MAX_TIER));
+        for ms in (HOLD_MS + 1..200_000).step_by(97) {
             let k = tier_for(ms).unwrap();
             let left = ms - (1000i64 << k);
-            assert!(tier_for(left).map(|j| j < k).unwrap_or(true), "{ms}");
+            // delivered at least EARLY_MS early...
+            assert!(left >= EARLY_MS, "{ms}");
+            // ...by the largest tier that can.
+            if k < MAX_TIER {
+                assert!((1000i64 << (k + 1)) + EARLY_MS > ms, "{ms}");
+            }
         }
     }
 
