@@ -45,7 +45,10 @@ impl Node {
             .env("SMARTMSG__STORAGE__DATA_DIR", &self.dir)
             .env("SMARTMSG__HTTP__LISTEN", format!("127.0.0.1:{}", self.port))
             .env("SMARTMSG__AMQP__QUEUE_PREFIX", &self.queue_prefix)
-            .env("SMARTMSG__LOG__LEVEL", "warn")
+            .env(
+                "SMARTMSG__LOG__LEVEL",
+                std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -129,6 +132,12 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
     let root = tempfile::tempdir().unwrap();
     // Isolated RabbitMQ queue names, deleted at the end.
     let queue_prefix = format!("test.cluster.{}.", uuid::Uuid::new_v4().simple());
+    let _cleanup = common::RabbitCleanup(smartmsg::io::amqp::AmqpSettings {
+        url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+        prefix: queue_prefix.clone(),
+        prefetch: 10,
+        connection_name: "cleanup".into(),
+    });
     let mut nodes: Vec<Node> = (0..3)
         .map(|i| Node {
             id: format!("node-{i}"),
@@ -331,11 +340,17 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_execute_every_batch_exactly_once_through_rabbitmq() {
+async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitmq() {
     let tansu = Tansu::start();
     let brokers = tansu.brokers();
     let root = tempfile::tempdir().unwrap();
     let queue_prefix = format!("test.batches.{}.", uuid::Uuid::new_v4().simple());
+    let _cleanup = common::RabbitCleanup(smartmsg::io::amqp::AmqpSettings {
+        url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+        prefix: queue_prefix.clone(),
+        prefetch: 10,
+        connection_name: "cleanup".into(),
+    });
     let mut nodes: Vec<Node> = (0..3)
         .map(|i| Node {
             id: format!("bnode-{i}"),
@@ -378,6 +393,15 @@ async fn three_nodes_execute_every_batch_exactly_once_through_rabbitmq() {
             "budget": 50, "start_at": start, "end_at": start + 5_000, "batch_interval_secs": 1});
         assert_eq!(post(&c, &nodes, "/v1/campaigns", &body).await, 202);
     }
+    // Mid-run, SIGKILL a node: the jobs it holds unacked go back to the
+    // ready queue and its partitions to the others. It comes back later (its
+    // restart also fences the transaction it left open, which read_committed
+    // readers of a broker without transaction timeouts wait for).
+    let kill_at = start + 2_500;
+    tokio::time::sleep(Duration::from_millis((kill_at - now_ms()).max(0) as u64)).await;
+    nodes[1].kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nodes[1].start(&brokers);
     for n in &nodes {
         let base = n.base();
         eventually(
@@ -393,8 +417,22 @@ async fn three_nodes_execute_every_batch_exactly_once_through_rabbitmq() {
                     .await
                     .ok()?;
                 let list = v["campaigns"].as_array()?.clone();
-                (list.len() == campaigns && list.iter().all(|c| c["status"] == "completed"))
-                    .then_some(())
+                let done = list.iter().filter(|c| c["status"] == "completed").count();
+                if done < campaigns {
+                    let stuck: Vec<String> = list
+                        .iter()
+                        .filter(|c| c["status"] != "completed")
+                        .take(3)
+                        .map(|c| {
+                            format!(
+                                "{} {} batches {}",
+                                c["campaign_id"], c["status"], c["batches_done"]
+                            )
+                        })
+                        .collect();
+                    eprintln!("{base}: {done}/{campaigns} completed; e.g. {stuck:?}");
+                }
+                (list.len() == campaigns && done == campaigns).then_some(())
             },
         )
         .await;

@@ -104,14 +104,18 @@ async fn embedded_queue_keeps_the_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_queue_keeps_the_contract_in_any_publish_order() {
-    let q = rabbit(settings("contract")).await;
+    let s = settings("contract");
+    let _cleanup = common::RabbitCleanup(s.clone());
+    let q = rabbit(s).await;
     contract(Arc::new(q.clone())).await;
     q.destroy().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_long_delays_travel_through_tiers() {
-    let q = rabbit(settings("tiers")).await;
+    let s = settings("tiers");
+    let _cleanup = common::RabbitCleanup(s.clone());
+    let q = rabbit(s).await;
     // 5-9 s: through the 4 s tier, then the 2 s / 1 s tiers, then held.
     let js = jobs(50, 5_000, 9_000);
     publish_all(Arc::new(q.clone()), &js).await;
@@ -141,6 +145,7 @@ fn close_connection_named(name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_connection_drop_mid_run_loses_no_job() {
     let s = settings("drop");
+    let _cleanup = common::RabbitCleanup(s.clone());
     let name = s.connection_name.clone();
     let q = rabbit(s).await;
     let js = jobs(200, 1_500, 6_000);
@@ -164,6 +169,7 @@ async fn rabbitmq_connection_drop_mid_run_loses_no_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_jobs_held_by_a_dead_consumer_go_to_another() {
     let s = settings("handover");
+    let _cleanup = common::RabbitCleanup(s.clone());
     let a = rabbit(s.clone()).await;
     let js = jobs(100, 1_200, 2_500);
     publish_all(Arc::new(a.clone()), &js).await;

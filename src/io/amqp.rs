@@ -40,8 +40,9 @@ pub const EARLY_MS: i64 = 600;
 /// Jobs with at most this much left wait in the consumer, unacked.
 pub const HOLD_MS: i64 = 1000 + EARLY_MS;
 
-/// Highest tier: 2^20 s (about 12 days); longer delays take several rounds.
-pub const MAX_TIER: u32 = 20;
+/// Highest tier: 2^16 s (about 18 hours); longer delays take several rounds
+/// through it.
+pub const MAX_TIER: u32 = 16;
 /// Queues per tier. Quorum queues dead-letter with a bounded number of
 /// messages in flight each; jobs published together expire together, so a
 /// tier is split over several queues (by job) to dead-letter bursts in
@@ -495,24 +496,28 @@ impl RabbitDelayQueue {
     /// connection of its own, then close this queue.
     pub async fn destroy(&self) -> Result<(), IoError> {
         self.close().await;
-        let s = &self.shared.s;
-        let conn = Connection::connect(&s.url, ConnectionProperties::default())
-            .await
-            .map_err(|e| amqp_err("connect", e))?;
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| amqp_err("channel", e))?;
-        let mut names = vec![s.ready_queue()];
-        names.extend(s.tier_queues());
-        for n in names {
-            ch.queue_delete(n.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(|e| amqp_err("delete queue", e))?;
-        }
-        let _ = conn.close(200, "done".into()).await;
-        Ok(())
+        delete_topology(&self.shared.s).await
     }
+}
+
+/// Delete every queue of the topology named by `s` (missing ones are fine).
+pub async fn delete_topology(s: &AmqpSettings) -> Result<(), IoError> {
+    let conn = Connection::connect(&s.url, ConnectionProperties::default())
+        .await
+        .map_err(|e| amqp_err("connect", e))?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| amqp_err("channel", e))?;
+    let mut names = vec![s.ready_queue()];
+    names.extend(s.tier_queues());
+    for n in names {
+        ch.queue_delete(n.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(|e| amqp_err("delete queue", e))?;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -615,6 +620,7 @@ mod tests {
         assert_eq!(tier_for(HOLD_MS), None);
         assert_eq!(tier_for(HOLD_MS + 1), Some(0));
         assert_eq!(tier_for(3_600_000), Some(11));
+        assert_eq!(tier_for(100_000_000), Some(MAX_TIER));
         assert_eq!(tier_for(i64::MAX / 4), Some(MAX_TIER));
         for ms in (HOLD_MS + 1..200_000).step_by(97) {
             let k = tier_for(ms).unwrap();

@@ -561,8 +561,8 @@ impl TxnCoordinator {
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "1")
-            .set("transaction.timeout.ms", "60000")
-            .set("message.timeout.ms", "55000")
+            .set("transaction.timeout.ms", "10000")
+            .set("message.timeout.ms", "9000")
             .create_with_context(DeliveryContext {
                 results: Mutex::new(Vec::new()),
             })

@@ -485,6 +485,34 @@ mod tests {
     }
 
     #[test]
+    fn subscriber_tombstones_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let st = SubscriberStore::open(&db).unwrap();
+        let sub = |u: &str| Subscriber {
+            channel_id: "ch".into(),
+            user_id: u.into(),
+            features: BTreeMap::new(),
+        };
+        st.apply(
+            "t",
+            0,
+            &[
+                ("ch".into(), "u1".into(), Some(sub("u1"))),
+                ("ch".into(), "u2".into(), Some(sub("u2"))),
+                ("other".into(), "u3".into(), Some(sub("u3"))),
+            ],
+            3,
+        )
+        .unwrap();
+        assert_eq!(st.users("ch").unwrap(), vec!["u1", "u2"]);
+        st.apply("t", 0, &[("ch".into(), "u1".into(), None)], 4)
+            .unwrap();
+        assert_eq!(st.users("ch").unwrap(), vec!["u2"]);
+        assert_eq!(st.offset("t", 0).unwrap(), 4);
+    }
+
+    #[test]
     fn read_model_is_idempotent_by_identity() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();

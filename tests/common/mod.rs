@@ -52,3 +52,19 @@ pub fn subscribers_ndjson(n: usize) -> String {
         })
         .collect()
 }
+
+/// Deletes a RabbitMQ delay-queue topology when dropped, so a failing test
+/// leaves no queues behind either.
+pub struct RabbitCleanup(pub smartmsg::io::amqp::AmqpSettings);
+
+impl Drop for RabbitCleanup {
+    fn drop(&mut self) {
+        let s = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Runtime::new() {
+                let _ = rt.block_on(smartmsg::io::amqp::delete_topology(&s));
+            }
+        })
+        .join();
+    }
+}
