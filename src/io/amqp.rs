@@ -308,6 +308,14 @@ impl Shared {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     metrics::counter!("smartmsg_jobs_publish_retries_total").increment(1);
+                    // A publish channel the broker closed while the
+                    // connection lives on: drop the connection, so the
+                    // session is rebuilt with fresh channels.
+                    if let Some(sess) = self.current() {
+                        if !sess.publish.status().connected() {
+                            let _ = sess.conn.close(320, "publish channel lost".into()).await;
+                        }
+                    }
                     attempt += 1;
                     if tokio::time::Instant::now() >= deadline {
                         return Err(e);
