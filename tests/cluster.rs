@@ -14,7 +14,6 @@ use rand::Rng;
 use serde_json::{json, Value};
 use smartmsg::domain::campaign::{Event, EventBody};
 use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
-use smartmsg::io::EventLog;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -94,6 +93,17 @@ async fn healthy(base: &str) {
         }
     })
     .await;
+}
+
+/// Campaign events deduplicated by identity (campaign_id, seq), the last
+/// record winning: Tansu shows records of aborted transactions too.
+async fn read_events(log: &KafkaLog) -> BTreeMap<(String, u64), Event> {
+    let mut by_id = BTreeMap::new();
+    for rec in common::read_all(log, "smartmsg.campaign-events", PARTITIONS).await {
+        let e: Event = serde_json::from_slice(&rec.value.unwrap()).unwrap();
+        by_id.insert((e.campaign_id.clone(), e.seq), e);
+    }
+    by_id
 }
 
 /// Post to a random live node; retry on another node when one is down.
@@ -239,28 +249,11 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
     })
     .await
     .unwrap();
-    let read_events = || async {
-        let mut r = log
-            .topic_reader("smartmsg.campaign-events", &vec![0; PARTITIONS as usize])
-            .unwrap();
-        let mut by_id: BTreeMap<(String, u64), Event> = BTreeMap::new();
-        loop {
-            let recs = r.next_batch(5000, Duration::ZERO).await.unwrap();
-            if recs.is_empty() {
-                break;
-            }
-            for rec in recs {
-                let e: Event = serde_json::from_slice(&rec.value.unwrap()).unwrap();
-                by_id.insert((e.campaign_id.clone(), e.seq), e);
-            }
-        }
-        by_id
-    };
     let events = eventually(
         "every command in the log",
         Duration::from_secs(120),
         || async {
-            let ev = read_events().await;
+            let ev = read_events(&log).await;
             (ev.len() == campaigns * 11).then_some(ev)
         },
     )
@@ -403,39 +396,7 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
     tokio::time::sleep(Duration::from_secs(3)).await;
     nodes[1].start(&brokers);
     for n in &nodes {
-        let base = n.base();
-        eventually(
-            "all campaigns completed",
-            Duration::from_secs(120),
-            || async {
-                let v: Value = c
-                    .get(format!("{base}/v1/campaigns"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                let list = v["campaigns"].as_array()?.clone();
-                let done = list.iter().filter(|c| c["status"] == "completed").count();
-                if done < campaigns {
-                    let stuck: Vec<String> = list
-                        .iter()
-                        .filter(|c| c["status"] != "completed")
-                        .take(3)
-                        .map(|c| {
-                            format!(
-                                "{} {} batches {}",
-                                c["campaign_id"], c["status"], c["batches_done"]
-                            )
-                        })
-                        .collect();
-                    eprintln!("{base}: {done}/{campaigns} completed; e.g. {stuck:?}");
-                }
-                (list.len() == campaigns && done == campaigns).then_some(())
-            },
-        )
-        .await;
+        common::all_completed(&c, &n.base(), campaigns, Duration::from_secs(120)).await;
     }
     let log = KafkaLog::connect(KafkaSettings {
         brokers: brokers.clone(),
@@ -445,20 +406,7 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
     })
     .await
     .unwrap();
-    let mut r = log
-        .topic_reader("smartmsg.campaign-events", &vec![0; PARTITIONS as usize])
-        .unwrap();
-    let mut events: BTreeMap<(String, u64), Event> = BTreeMap::new();
-    loop {
-        let recs = r.next_batch(5000, Duration::ZERO).await.unwrap();
-        if recs.is_empty() {
-            break;
-        }
-        for rec in recs {
-            let e: Event = serde_json::from_slice(&rec.value.unwrap()).unwrap();
-            events.insert((e.campaign_id.clone(), e.seq), e);
-        }
-    }
+    let events = read_events(&log).await;
     let mut assigned: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut batches: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
     for e in events.values() {
@@ -489,23 +437,14 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
             "{id}: each batch once, paced"
         );
     }
-    let mut r = log
-        .topic_reader("smartmsg.outbound-messages", &vec![0; PARTITIONS as usize])
-        .unwrap();
     let mut pairs: BTreeMap<(String, String), Value> = BTreeMap::new();
-    loop {
-        let recs = r.next_batch(5000, Duration::ZERO).await.unwrap();
-        if recs.is_empty() {
-            break;
-        }
-        for rec in recs {
-            let v: Value = serde_json::from_slice(&rec.value.unwrap()).unwrap();
-            let key = (
-                v["campaign_id"].as_str().unwrap().to_string(),
-                v["user_id"].as_str().unwrap().to_string(),
-            );
-            pairs.insert(key, v);
-        }
+    for rec in common::read_all(&log, "smartmsg.outbound-messages", PARTITIONS).await {
+        let v: Value = serde_json::from_slice(&rec.value.unwrap()).unwrap();
+        let key = (
+            v["campaign_id"].as_str().unwrap().to_string(),
+            v["user_id"].as_str().unwrap().to_string(),
+        );
+        pairs.insert(key, v);
     }
     assert_eq!(
         pairs.len(),

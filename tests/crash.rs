@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{client, eventually, free_port, now_ms, subscribers_ndjson};
+use common::{all_completed, client, eventually, free_port, now_ms, read_all, subscribers_ndjson};
 use serde_json::{json, Value};
 use smartmsg::domain::campaign::{Event, EventBody};
 use smartmsg::io::embedded_log::EmbeddedLog;
@@ -94,23 +94,7 @@ async fn sigkill_mid_run_loses_nothing_and_doubles_nothing() {
 
     let mut child = spawn(dir.path(), port);
     wait_healthy(&base).await;
-    eventually(
-        "all campaigns completed",
-        Duration::from_secs(60),
-        || async {
-            let v: Value = c
-                .get(format!("{base}/v1/campaigns"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let list = v["campaigns"].as_array()?.clone();
-            (list.len() == 5 && list.iter().all(|c| c["status"] == "completed")).then_some(())
-        },
-    )
-    .await;
+    all_completed(&c, &base, 5, Duration::from_secs(60)).await;
     for i in 0..5 {
         let v: Value = c
             .get(format!("{base}/v1/campaigns/k{i}"))
@@ -139,18 +123,9 @@ async fn sigkill_mid_run_loses_nothing_and_doubles_nothing() {
     let db = sled::open(dir.path().join("sled")).unwrap();
     let log = EmbeddedLog::open(&db).unwrap();
     let mut events: BTreeMap<String, Vec<Event>> = BTreeMap::new();
-    for p in 0..4 {
-        let mut r = log.reader("smartmsg.campaign-events", p, 0);
-        loop {
-            let recs = r.next_batch(1000, Duration::ZERO).await.unwrap();
-            if recs.is_empty() {
-                break;
-            }
-            for rec in recs {
-                let e: Event = serde_json::from_slice(&rec.value.unwrap()).unwrap();
-                events.entry(e.campaign_id.clone()).or_default().push(e);
-            }
-        }
+    for rec in read_all(&log, "smartmsg.campaign-events", 4).await {
+        let e: Event = serde_json::from_slice(&rec.value.unwrap()).unwrap();
+        events.entry(e.campaign_id.clone()).or_default().push(e);
     }
     assert_eq!(events.len(), 5);
     for (id, evs) in &events {
@@ -186,25 +161,16 @@ async fn sigkill_mid_run_loses_nothing_and_doubles_nothing() {
     }
     let mut pairs = HashSet::new();
     let mut total = 0;
-    for p in 0..4 {
-        let mut r = log.reader("smartmsg.outbound-messages", p, 0);
-        loop {
-            let recs = r.next_batch(1000, Duration::ZERO).await.unwrap();
-            if recs.is_empty() {
-                break;
-            }
-            for rec in recs {
-                let v: Value = serde_json::from_slice(&rec.value.unwrap()).unwrap();
-                total += 1;
-                assert!(
-                    pairs.insert((
-                        v["campaign_id"].as_str().unwrap().to_string(),
-                        v["user_id"].as_str().unwrap().to_string()
-                    )),
-                    "a subscriber got two messages of one campaign: {v}"
-                );
-            }
-        }
+    for rec in read_all(&log, "smartmsg.outbound-messages", 4).await {
+        let v: Value = serde_json::from_slice(&rec.value.unwrap()).unwrap();
+        total += 1;
+        assert!(
+            pairs.insert((
+                v["campaign_id"].as_str().unwrap().to_string(),
+                v["user_id"].as_str().unwrap().to_string()
+            )),
+            "a subscriber got two messages of one campaign: {v}"
+        );
     }
     assert_eq!(
         total, 300,

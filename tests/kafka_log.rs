@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::read_all;
 use common::tansu::Tansu;
 use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
 use smartmsg::io::{EventLog, IoError, OffsetCommit, OutRecord, PartitionEvent, TopicSpec, Txn};
@@ -23,20 +24,6 @@ fn spec(name: &str, partitions: u32) -> TopicSpec {
         name: name.into(),
         partitions,
         compacted: false,
-    }
-}
-
-async fn read_all(log: &KafkaLog, topic: &str, partitions: u32) -> Vec<smartmsg::io::Record> {
-    let mut r = log
-        .topic_reader(topic, &vec![0; partitions as usize])
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let recs = r.next_batch(1000, Duration::ZERO).await.unwrap();
-        if recs.is_empty() {
-            return out;
-        }
-        out.extend(recs);
     }
 }
 

@@ -68,3 +68,39 @@ impl Drop for RabbitCleanup {
         .join();
     }
 }
+
+/// Every record of `topic`, from offset 0 of each partition to its end.
+pub async fn read_all(
+    log: &dyn smartmsg::io::EventLog,
+    topic: &str,
+    partitions: u32,
+) -> Vec<smartmsg::io::Record> {
+    let mut r = log
+        .topic_reader(topic, &vec![0; partitions as usize])
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        let recs = r.next_batch(5000, Duration::ZERO).await.unwrap();
+        if recs.is_empty() {
+            return out;
+        }
+        out.extend(recs);
+    }
+}
+
+/// Wait until the node at `base` lists `n` campaigns, all completed.
+pub async fn all_completed(c: &reqwest::Client, base: &str, n: usize, timeout: Duration) {
+    eventually("all campaigns completed", timeout, || async {
+        let v: serde_json::Value = c
+            .get(format!("{base}/v1/campaigns"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let list = v["campaigns"].as_array()?;
+        (list.len() == n && list.iter().all(|c| c["status"] == "completed")).then_some(())
+    })
+    .await;
+}
