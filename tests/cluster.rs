@@ -95,6 +95,39 @@ async fn healthy(base: &str) {
     .await;
 }
 
+/// Three daemons with isolated RabbitMQ queue names (deleted when the
+/// returned guard drops): one first, so the topics exist, then the others.
+async fn start_nodes(
+    tag: &str,
+    brokers: &str,
+    root: &std::path::Path,
+) -> (common::RabbitCleanup, Vec<Node>) {
+    let queue_prefix = format!("test.{tag}.{}.", uuid::Uuid::new_v4().simple());
+    let cleanup = common::RabbitCleanup(smartmsg::io::amqp::AmqpSettings {
+        url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+        prefix: queue_prefix.clone(),
+        prefetch: 10,
+        connection_name: format!("{tag}-cleanup"),
+    });
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            id: format!("{tag}-{i}"),
+            port: free_port(),
+            dir: root.join(format!("{tag}{i}")),
+            child: None,
+            queue_prefix: queue_prefix.clone(),
+        })
+        .collect();
+    nodes[0].start(brokers);
+    healthy(&nodes[0].base()).await;
+    nodes[1].start(brokers);
+    nodes[2].start(brokers);
+    for n in &nodes {
+        healthy(&n.base()).await;
+    }
+    (cleanup, nodes)
+}
+
 /// Campaign events deduplicated by identity (campaign_id, seq), the last
 /// record winning: Tansu shows records of aborted transactions too.
 async fn read_events(log: &KafkaLog) -> BTreeMap<(String, u64), Event> {
@@ -140,31 +173,7 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
     let tansu = Tansu::start();
     let brokers = tansu.brokers();
     let root = tempfile::tempdir().unwrap();
-    // Isolated RabbitMQ queue names, deleted at the end.
-    let queue_prefix = format!("test.cluster.{}.", uuid::Uuid::new_v4().simple());
-    let _cleanup = common::RabbitCleanup(smartmsg::io::amqp::AmqpSettings {
-        url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-        prefix: queue_prefix.clone(),
-        prefetch: 10,
-        connection_name: "cleanup".into(),
-    });
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            id: format!("node-{i}"),
-            port: free_port(),
-            dir: root.path().join(format!("n{i}")),
-            child: None,
-            queue_prefix: queue_prefix.clone(),
-        })
-        .collect();
-    // Start one first so the topics exist, then the others.
-    nodes[0].start(&brokers);
-    healthy(&nodes[0].base()).await;
-    nodes[1].start(&brokers);
-    nodes[2].start(&brokers);
-    for n in &nodes {
-        healthy(&n.base()).await;
-    }
+    let (_cleanup, mut nodes) = start_nodes("node", &brokers, root.path()).await;
     let c = client();
 
     // 200 campaigns, far in the future (no batches fire during the test).
@@ -317,19 +326,6 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
     for n in nodes.iter_mut() {
         n.terminate();
     }
-    let q = smartmsg::io::amqp::RabbitDelayQueue::open(
-        smartmsg::io::amqp::AmqpSettings {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            prefix: queue_prefix,
-            prefetch: 10,
-            connection_name: "cluster-test-cleanup".into(),
-        },
-        std::sync::Arc::new(smartmsg::clock::SystemClock),
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
-    q.destroy().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,29 +333,7 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
     let tansu = Tansu::start();
     let brokers = tansu.brokers();
     let root = tempfile::tempdir().unwrap();
-    let queue_prefix = format!("test.batches.{}.", uuid::Uuid::new_v4().simple());
-    let _cleanup = common::RabbitCleanup(smartmsg::io::amqp::AmqpSettings {
-        url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-        prefix: queue_prefix.clone(),
-        prefetch: 10,
-        connection_name: "cleanup".into(),
-    });
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            id: format!("bnode-{i}"),
-            port: free_port(),
-            dir: root.path().join(format!("b{i}")),
-            child: None,
-            queue_prefix: queue_prefix.clone(),
-        })
-        .collect();
-    nodes[0].start(&brokers);
-    healthy(&nodes[0].base()).await;
-    nodes[1].start(&brokers);
-    nodes[2].start(&brokers);
-    for n in &nodes {
-        healthy(&n.base()).await;
-    }
+    let (_cleanup, mut nodes) = start_nodes("bnode", &brokers, root.path()).await;
     let c = client();
     let r = c
         .put(format!("{}/v1/channels/ch/subscribers", nodes[0].base()))
@@ -466,17 +440,4 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
     for n in nodes.iter_mut() {
         n.terminate();
     }
-    let q = smartmsg::io::amqp::RabbitDelayQueue::open(
-        smartmsg::io::amqp::AmqpSettings {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            prefix: queue_prefix,
-            prefetch: 10,
-            connection_name: "cluster-test-cleanup-b".into(),
-        },
-        std::sync::Arc::new(smartmsg::clock::SystemClock),
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
-    q.destroy().await.unwrap();
 }
