@@ -31,6 +31,63 @@ pub struct Config {
 pub struct NodeConfig {
     /// This node's name; empty means the hostname.
     pub id: String,
+    /// What this node runs: "all" or a comma-separated list of roles.
+    pub roles: String,
+}
+
+/// The parts of the daemon a node can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Command partitions (campaign actors) and the targeting model.
+    Commands,
+    /// Executes due batch jobs from the delay queue.
+    Scheduler,
+    /// Window aggregators of reaction-logs.
+    Aggregator,
+    /// Read models (campaigns, subscribers, reports) behind the HTTP API.
+    Materializer,
+    /// Refits the targeting model.
+    Trainer,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Commands,
+        Role::Scheduler,
+        Role::Aggregator,
+        Role::Materializer,
+        Role::Trainer,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Commands => "commands",
+            Role::Scheduler => "scheduler",
+            Role::Aggregator => "aggregator",
+            Role::Materializer => "materializer",
+            Role::Trainer => "trainer",
+        }
+    }
+}
+
+/// Parse `node.roles`.
+pub fn parse_roles(s: &str) -> Result<Vec<Role>, String> {
+    if s.trim() == "all" {
+        return Ok(Role::ALL.to_vec());
+    }
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        match Role::ALL.iter().find(|r| r.name() == part) {
+            Some(r) if !out.contains(r) => out.push(*r),
+            Some(_) => {}
+            None => {
+                return Err(format!(
+                    "unknown role {part:?} (expected \"all\" or a list of {})",
+                    Role::ALL.map(Role::name).join(", ")
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +95,8 @@ pub struct NodeConfig {
 pub struct StorageConfig {
     /// Directory of sled state and embedded backends.
     pub data_dir: PathBuf,
+    /// sled page cache, MiB.
+    pub cache_mb: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +152,7 @@ pub struct AggregatorConfig {
     pub hopping_enabled: bool,
     pub max_batch_records: u64,
     pub commit_interval_ms: u64,
+    pub checkpoint_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,12 +308,27 @@ impl Config {
         if self.supervision.period_ms == 0 {
             errors.push("supervision.period_ms: must be > 0".into());
         }
+        if let Err(e) = parse_roles(&self.node.roles) {
+            errors.push(format!("node.roles: {e}"));
+        }
+        if self.storage.cache_mb == 0 {
+            errors.push("storage.cache_mb: must be > 0".into());
+        }
         if self.storage.data_dir.as_os_str().is_empty() {
             errors.push("storage.data_dir: must not be empty".into());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             errors.push(format!("log.level: {e}"));
         }
+    }
+
+    /// The roles this node runs (validated at load).
+    pub fn roles(&self) -> Vec<Role> {
+        parse_roles(&self.node.roles).unwrap_or_else(|_| Role::ALL.to_vec())
+    }
+
+    pub fn runs(&self, role: Role) -> bool {
+        self.roles().contains(&role)
     }
 
     /// The node id, falling back to the hostname.

@@ -13,7 +13,7 @@ use crate::actors::targeting::{TargetingModelActor, TargetingRef};
 use crate::actors::trainer::TrainerActor;
 use crate::actors::{Ctx, Readiness, SharedCtx, StateStores};
 use crate::clock::SharedClock;
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, Role};
 use crate::domain::model::Model;
 use crate::io::amqp::{AmqpSettings, RabbitDelayQueue};
 use crate::io::embedded_delay::EmbeddedDelayQueue;
@@ -74,6 +74,8 @@ pub fn open_db(cfg: &Config) -> Result<sled::Db, StartError> {
     sled::Config::new()
         .path(dir.join("sled"))
         .flush_every_ms(Some(200))
+        .cache_capacity(cfg.storage.cache_mb * 1024 * 1024)
+        .mode(sled::Mode::LowSpace)
         .open()
         .map_err(|e| {
             let msg = e.to_string();
@@ -208,27 +210,38 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
             children: children.clone(),
         })
     };
+    // Start order matters for rest-for-one and for draining (newest first).
+    let mut children = Vec::new();
+    if cfg.runs(Role::Materializer) {
+        children.push(one("state", state_children));
+    }
+    if cfg.runs(Role::Commands) {
+        children.push(one("targeting", vec![targeting]));
+        children.push(commands);
+    }
+    if cfg.runs(Role::Scheduler) {
+        children.push(one(
+            "scheduler",
+            vec![ChildSpec::new("scheduler", "scheduler", move || {
+                (SchedulerActor, c1.clone())
+            })],
+        ));
+    }
+    if cfg.runs(Role::Aggregator) {
+        children.push(aggregators);
+    }
+    if cfg.runs(Role::Trainer) {
+        children.push(one(
+            "trainer",
+            vec![ChildSpec::new("trainer", "trainer", move || {
+                (TrainerActor, c2.clone())
+            })],
+        ));
+    }
     SupervisorArgs {
         kind: "root".into(),
         policy: policy(cfg, Strategy::OneForOne),
-        children: vec![
-            one("state", state_children),
-            one("targeting", vec![targeting]),
-            commands,
-            one(
-                "scheduler",
-                vec![ChildSpec::new("scheduler", "scheduler", move || {
-                    (SchedulerActor, c1.clone())
-                })],
-            ),
-            aggregators,
-            one(
-                "trainer",
-                vec![ChildSpec::new("trainer", "trainer", move || {
-                    (TrainerActor, c2.clone())
-                })],
-            ),
-        ],
+        children,
     }
 }
 
@@ -242,10 +255,19 @@ impl Node {
         let metrics = crate::io::metrics::install();
         let cfg = Arc::new(cfg);
         let db = open_db(&cfg)?;
-        let (log, queue): (SharedLog, SharedQueue) = match cfg.backend.kind {
+        let needs_queue = cfg.runs(Role::Commands) || cfg.runs(Role::Scheduler);
+        let (log, queue): (SharedLog, Option<SharedQueue>) = match cfg.backend.kind {
             BackendKind::Embedded => (
                 Arc::new(EmbeddedLog::open(&db)?),
-                Arc::new(EmbeddedDelayQueue::open(&db, "batches", clock.clone())?),
+                Some(Arc::new(EmbeddedDelayQueue::open(
+                    &db,
+                    "batches",
+                    clock.clone(),
+                )?)),
+            ),
+            BackendKind::Cluster if !needs_queue => (
+                Arc::new(KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?),
+                None,
             ),
             BackendKind::Cluster => {
                 let kafka = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;
@@ -260,7 +282,7 @@ impl Node {
                     Duration::from_millis(cfg.amqp.connect_timeout_ms),
                 )
                 .await?;
-                (Arc::new(kafka), Arc::new(queue))
+                (Arc::new(kafka), Some(Arc::new(queue)))
             }
         };
         let topics = Topics::new(&cfg);

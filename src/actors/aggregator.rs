@@ -9,35 +9,19 @@
 //! committed input offset.
 
 use crate::actors::SharedCtx;
-use crate::domain::reaction::parse_reaction;
-use crate::domain::window::{
-    FinalWindow, StateChange, WindowConfig, WindowEngine, WindowKey, WindowMeta,
-};
+use crate::clock::system_now_ms;
+use crate::domain::changelog::{encode_count, Replayer, TxnMarker, META_KEY};
+use crate::domain::reaction::parse_reaction_view;
+use crate::domain::window::{BucketKey, FinalWindow, StateChange, WindowConfig, WindowEngine};
 use crate::io::store::{AggProgress, AggStateStore};
 use crate::io::{
     payload_text, GroupMember, OffsetCommit, OutRecord, PartitionReader, Record, Txn, TxnWriter,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use serde::{Deserialize, Serialize};
+use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Key of the per-transaction marker on the changelog.
-pub const META_KEY: &[u8] = b"__meta";
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct ChangelogMeta {
-    stream_time: i64,
-    closed_until: i64,
-    /// The next input offset once this transaction is committed.
-    input_offset: u64,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct ChangelogCount {
-    count: u64,
-}
 
 pub struct WindowAggregatorActor;
 
@@ -55,11 +39,23 @@ pub enum AggregatorMsg {
 pub struct AggregatorState {
     ctx: SharedCtx,
     partition: u32,
+    /// This incarnation's writer epoch (see `domain::changelog`).
+    epoch: u64,
     engine: WindowEngine,
     store: AggStateStore,
     reader: Box<dyn PartitionReader>,
     writer: Arc<dyn TxnWriter>,
+    /// What the committed transactions reflect.
     progress: AggProgress,
+    /// Input offset the next transaction starts at (the end of the one in
+    /// flight, if any).
+    next_from: u64,
+    inflight: Option<InFlight>,
+    /// Committed changes not yet in the local checkpoint (latest per bucket).
+    unsaved: FxHashMap<BucketKey, Option<u64>>,
+    last_checkpoint: Instant,
+    /// The progress of the last checkpoint.
+    saved: AggProgress,
     dlq: Vec<OutRecord>,
     counted: u64,
     uncommitted: usize,
@@ -74,89 +70,195 @@ impl Drop for RestoreGuard {
     }
 }
 
-/// Outcome of replaying a changelog tail.
-struct Replay {
-    changes: Vec<StateChange>,
-    meta: Option<WindowMeta>,
-    position: u64,
+/// How a restore went.
+struct Restored {
+    engine: WindowEngine,
+    /// Input offset to resume at.
+    input_offset: u64,
+    changelog_offset: u64,
+    epoch: u64,
+    full: bool,
     records: u64,
 }
 
-/// Replay changelog records from `from`, applying only transactions whose
-/// marker says their input offset is committed.
-async fn replay_changelog(
+/// Replay the changelog of `partition` from `from` into `engine` (whose
+/// state reflects input up to `input_offset`, written by `epoch`).
+async fn replay(
     ctx: &SharedCtx,
     partition: u32,
     from: u64,
-    committed: u64,
     engine: &mut WindowEngine,
-) -> Result<Replay, ActorProcessingErr> {
+    committed: u64,
+    (input_offset, epoch): (u64, u64),
+    track: bool,
+) -> Result<ReplayOut, ActorProcessingErr> {
     let mut reader = ctx
         .log
         .reader(&ctx.topics.aggregator_changelog, partition, from);
-    let mut pending: Vec<StateChange> = Vec::new();
-    let mut out = Replay {
-        changes: Vec::new(),
-        meta: None,
-        position: from,
-        records: 0,
-    };
+    let mut r = Replayer::new(engine, committed, input_offset, epoch, track);
+    let gauge = metrics::gauge!("smartmsg_aggregator_restore_records", "partition" => partition.to_string());
+    let mut logged = Instant::now();
     loop {
-        let recs = reader.next_batch(10_000, Duration::ZERO).await?;
+        let recs = reader.next_batch(20_000, Duration::ZERO).await?;
         if recs.is_empty() {
             break;
         }
-        for rec in recs {
-            out.records += 1;
-            if rec.key.as_deref() == Some(META_KEY) {
-                let meta: Option<ChangelogMeta> = rec
-                    .value
-                    .as_deref()
-                    .and_then(|v| serde_json::from_slice(v).ok());
-                match meta {
-                    Some(m) if m.input_offset <= committed => {
-                        for (k, c) in pending.drain(..) {
-                            engine.restore(k.clone(), c);
-                            out.changes.push((k, c));
-                        }
-                        let wm = WindowMeta {
-                            stream_time: m.stream_time,
-                            closed_until: m.closed_until,
-                        };
-                        engine.restore_meta(wm);
-                        out.meta = Some(wm);
-                    }
-                    _ => pending.clear(), // a transaction that never committed
-                }
-                out.position = rec.offset + 1;
-                continue;
-            }
-            let Some(key) = rec.key.as_deref().and_then(WindowKey::decode) else {
-                tracing::error!(
-                    partition,
-                    offset = rec.offset,
-                    "unreadable changelog key skipped"
-                );
-                continue;
-            };
-            let count = match rec.value.as_deref() {
-                None => None,
-                Some(v) => match serde_json::from_slice::<ChangelogCount>(v) {
-                    Ok(c) => Some(c.count),
-                    Err(_) => {
-                        tracing::error!(
-                            partition,
-                            offset = rec.offset,
-                            "unreadable changelog value skipped"
-                        );
-                        continue;
-                    }
-                },
-            };
-            pending.push((key, count));
+        for rec in &recs {
+            r.record(rec.key.as_deref(), rec.value.as_deref());
+        }
+        gauge.set(r.stats.records as f64);
+        if logged.elapsed() >= Duration::from_secs(2) {
+            logged = Instant::now();
+            tracing::info!(
+                partition,
+                changelog_records = r.stats.records,
+                position = reader.position(),
+                "aggregator restore in progress"
+            );
         }
     }
-    Ok(out)
+    let stats = r.stats.clone();
+    if stats.dropped_txns + stats.undone_txns + stats.unreadable > 0 {
+        tracing::warn!(
+            partition,
+            ?stats,
+            "changelog held transactions that never committed"
+        );
+    }
+    Ok(ReplayOut {
+        input_offset: r.input_offset(),
+        epoch: r.epoch(),
+        position: reader.position(),
+        records: stats.records,
+        changed: r.changed(),
+    })
+}
+
+/// Where a changelog replay ended.
+struct ReplayOut {
+    /// Input offset the state reflects.
+    input_offset: u64,
+    /// Epoch of the last transaction applied.
+    epoch: u64,
+    /// Next changelog offset.
+    position: u64,
+    records: u64,
+    /// Buckets changed, with their counts (when tracked).
+    changed: Vec<StateChange>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::io::IoError> + Send + 'static,
+) -> Result<T, ActorProcessingErr> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+/// Restore the window state of `partition`: from intact local state plus
+/// the changelog tail it lacks, or else from the whole changelog.
+async fn restore(
+    ctx: &SharedCtx,
+    p: u32,
+    store: &AggStateStore,
+    committed: u64,
+) -> Result<Restored, ActorProcessingErr> {
+    let cfg = &ctx.cfg.aggregator;
+    let wcfg = WindowConfig {
+        grace_ms: cfg.grace_ms as i64,
+        hopping: cfg.hopping_enabled,
+    };
+    let local = {
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.load()).await? {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "local window state unreadable; rebuilding from the changelog");
+                None
+            }
+        }
+    };
+    if let Some((buckets, progress)) = local {
+        if progress.input_offset <= committed {
+            let mut engine = WindowEngine::new(wcfg, p);
+            for (k, c) in &buckets {
+                engine.restore(k, Some(*c));
+            }
+            engine.restore_meta(progress.window);
+            let out = replay(
+                ctx,
+                p,
+                progress.changelog_offset,
+                &mut engine,
+                committed,
+                (progress.input_offset, progress.epoch),
+                true,
+            )
+            .await?;
+            if out.input_offset == committed {
+                let progress = AggProgress {
+                    window: engine.meta(),
+                    input_offset: out.input_offset,
+                    changelog_offset: out.position,
+                    epoch: out.epoch,
+                };
+                let s = store.clone();
+                let changed = out.changed;
+                blocking(move || s.apply(&changed, &progress)).await?;
+                return Ok(Restored {
+                    engine,
+                    input_offset: out.input_offset,
+                    changelog_offset: out.position,
+                    epoch: out.epoch,
+                    full: false,
+                    records: out.records,
+                });
+            }
+            tracing::warn!(
+                partition = p,
+                local = progress.input_offset,
+                reached = out.input_offset,
+                committed,
+                "local window state and changelog do not reach the committed offset; rebuilding"
+            );
+        } else {
+            tracing::warn!(partition = p, local = progress.input_offset, committed,
+                "local window state is ahead of the committed offset; rebuilding from the changelog");
+        }
+    }
+    let mut engine = WindowEngine::new(wcfg, p);
+    let out = replay(ctx, p, 0, &mut engine, committed, (0, 0), false).await?;
+    if out.input_offset != committed {
+        tracing::error!(
+            partition = p,
+            reached = out.input_offset,
+            committed,
+            "the changelog does not reach the committed input offset; reprocessing input from where it ends"
+        );
+    }
+    let progress = AggProgress {
+        window: engine.meta(),
+        input_offset: out.input_offset,
+        changelog_offset: out.position,
+        epoch: out.epoch,
+    };
+    let snapshot: Vec<StateChange> = engine
+        .snapshot()
+        .into_iter()
+        .map(|(k, c)| (k, Some(c)))
+        .collect();
+    let s = store.clone();
+    blocking(move || {
+        s.clear()?;
+        s.apply(&snapshot, &progress)
+    })
+    .await?;
+    Ok(Restored {
+        engine,
+        input_offset: out.input_offset,
+        changelog_offset: out.position,
+        epoch: out.epoch,
+        full: true,
+        records: out.records,
+    })
 }
 
 fn dlq_record(ctx: &SharedCtx, partition: u32, r: &Record, reason: &str) -> OutRecord {
@@ -181,7 +283,10 @@ fn dlq_record(ctx: &SharedCtx, partition: u32, r: &Record, reason: &str) -> OutR
 impl AggregatorState {
     fn process(&mut self, records: &[Record]) {
         for r in records {
-            let res = parse_reaction(r.value.as_deref()).and_then(|ev| self.engine.ingest(&ev));
+            let res = parse_reaction_view(r.value.as_deref()).and_then(|ev| {
+                self.engine
+                    .ingest_parts(&ev.campaign_id, &ev.creative_id, ev.action, ev.ts)
+            });
             match res {
                 Ok(()) => self.counted += 1,
                 Err(reason) => {
@@ -192,7 +297,18 @@ impl AggregatorState {
         }
     }
 
+    /// Whether processed input or state changes await a transaction.
+    fn has_work(&self) -> bool {
+        self.engine.has_changes()
+            || !self.dlq.is_empty()
+            || self.reader.position() != self.next_from
+    }
+
+    /// Submit a transaction of everything processed since the last one. It
+    /// commits while the next batch is processed (one in flight at most:
+    /// the previous one is awaited first).
     async fn commit(&mut self) -> Result<(), ActorProcessingErr> {
+        self.finish_inflight().await?;
         let ctx = self.ctx.clone();
         let p = self.partition;
         let (changes, finals) = self.engine.take_changes();
@@ -205,24 +321,22 @@ impl AggregatorState {
                 topic: ctx.topics.aggregator_changelog.clone(),
                 partition: Some(p),
                 key: Some(k.encode()),
-                value: c.map(|count| {
-                    serde_json::to_vec(&ChangelogCount { count }).expect("serialisable")
-                }),
+                value: encode_count(*c),
             });
         }
-        let meta_index = records.len();
+        let marker_index = records.len();
+        let marker = TxnMarker {
+            stream_time: meta.stream_time,
+            closed_until: meta.closed_until,
+            from: self.next_from,
+            input_offset: next,
+            epoch: self.epoch,
+        };
         records.push(OutRecord {
             topic: ctx.topics.aggregator_changelog.clone(),
             partition: Some(p),
             key: Some(META_KEY.to_vec()),
-            value: Some(
-                serde_json::to_vec(&ChangelogMeta {
-                    stream_time: meta.stream_time,
-                    closed_until: meta.closed_until,
-                    input_offset: next,
-                })
-                .expect("serialisable"),
-            ),
+            value: Some(marker.encode()),
         });
         for f in &finals {
             records.push(OutRecord::keyed(
@@ -232,33 +346,86 @@ impl AggregatorState {
             ));
         }
         records.append(&mut self.dlq);
-        let written = self
-            .writer
-            .commit(Txn {
-                records,
-                offsets: vec![OffsetCommit {
-                    group: ctx.group().to_string(),
-                    topic: ctx.topics.reactions.clone(),
-                    partition: p,
-                    next_offset: next,
-                }],
-            })
-            .await?;
-        let progress = AggProgress {
-            window: meta,
-            input_offset: next,
-            changelog_offset: written[meta_index].offset + 1,
+        let txn = Txn {
+            records,
+            offsets: vec![OffsetCommit {
+                group: ctx.group().to_string(),
+                topic: ctx.topics.reactions.clone(),
+                partition: p,
+                next_offset: next,
+            }],
         };
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.apply(&changes, &progress)).await??;
-        self.progress = progress;
-        metrics::counter!("smartmsg_events_aggregated_total").increment(self.counted);
-        metrics::counter!("smartmsg_windows_emitted_total").increment(finals.len() as u64);
+        let writer = self.writer.clone();
+        self.inflight = Some(InFlight {
+            task: tokio::spawn(async move { writer.commit(txn).await }),
+            marker_index,
+            progress: AggProgress {
+                window: meta,
+                input_offset: next,
+                changelog_offset: 0,
+                epoch: self.epoch,
+            },
+            changes,
+            finals: finals.len() as u64,
+            counted: self.counted,
+        });
         emitted_log(p, &finals);
+        self.next_from = next;
         self.counted = 0;
         self.uncommitted = 0;
         self.first_uncommitted = None;
         Ok(())
+    }
+
+    /// Await the transaction in flight, if any, and take its result in.
+    async fn finish_inflight(&mut self) -> Result<(), ActorProcessingErr> {
+        let Some(f) = self.inflight.take() else {
+            return Ok(());
+        };
+        let written = f.task.await??;
+        let mut progress = f.progress;
+        progress.changelog_offset = written[f.marker_index].offset + 1;
+        self.progress = progress;
+        self.unsaved.extend(f.changes);
+        metrics::counter!("smartmsg_events_aggregated_total").increment(f.counted);
+        metrics::counter!("smartmsg_windows_emitted_total").increment(f.finals);
+        let every = Duration::from_millis(self.ctx.cfg.aggregator.checkpoint_interval_ms);
+        if self.last_checkpoint.elapsed() >= every {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A submitted transaction and what its commit brings.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<Vec<crate::io::Written>, crate::io::IoError>>,
+    marker_index: usize,
+    progress: AggProgress,
+    changes: Vec<StateChange>,
+    finals: u64,
+    counted: u64,
+}
+
+impl AggregatorState {
+    /// Write the committed changes not yet saved, with the offsets they
+    /// reflect, to the local state in one sled batch.
+    async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
+        self.last_checkpoint = Instant::now();
+        let mut changes: Vec<StateChange> = self.unsaved.drain().collect();
+        if changes.is_empty() && self.store_is_current() {
+            return Ok(());
+        }
+        changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let store = self.store.clone();
+        let progress = self.progress;
+        blocking(move || store.apply(&changes, &progress)).await?;
+        self.saved = progress;
+        Ok(())
+    }
+
+    fn store_is_current(&self) -> bool {
+        self.saved == self.progress
     }
 }
 
@@ -283,82 +450,47 @@ impl Actor for WindowAggregatorActor {
         ctx.readiness.restoring.fetch_add(1, Ordering::SeqCst);
         let _guard = RestoreGuard(ctx.clone());
         let started = Instant::now();
-        let cfg = &ctx.cfg.aggregator;
-        let mut engine = WindowEngine::new(
-            WindowConfig {
-                grace_ms: cfg.grace_ms as i64,
-                hopping: cfg.hopping_enabled,
-            },
-            p,
-        );
         let committed = args.member.committed(p).await?.unwrap_or(0);
         let store = ctx.stores.aggregator(p)?;
-        let local = {
-            let s = store.clone();
-            tokio::task::spawn_blocking(move || s.load()).await??
-        };
-        let (from, full) = match local {
-            Some((windows, progress)) if progress.input_offset <= committed => {
-                for (k, c) in windows {
-                    engine.restore(k, Some(c));
-                }
-                engine.restore_meta(progress.window);
-                (progress.changelog_offset, false)
-            }
-            Some((_, progress)) => {
-                tracing::warn!(partition = p, local = progress.input_offset, committed,
-                    "local window state is ahead of the committed offset; rebuilding from the changelog");
-                (0, true)
-            }
-            None => (0, true),
-        };
-        if full {
-            let s = store.clone();
-            tokio::task::spawn_blocking(move || s.clear()).await??;
-        }
-        let replay = replay_changelog(&ctx, p, from, committed, &mut engine).await?;
-        let progress = AggProgress {
-            window: engine.meta(),
-            input_offset: committed,
-            changelog_offset: replay.position,
-        };
-        let changes: Vec<StateChange> = if full {
-            engine
-                .snapshot()
-                .into_iter()
-                .map(|(k, c)| (k, Some(c)))
-                .collect()
-        } else {
-            replay.changes
-        };
-        {
-            let s = store.clone();
-            tokio::task::spawn_blocking(move || s.apply(&changes, &progress)).await??;
-        }
+        let restored = restore(&ctx, p, &store, committed).await?;
         let took = started.elapsed();
         metrics::histogram!("smartmsg_aggregator_restore_seconds").record(took.as_secs_f64());
-        metrics::counter!("smartmsg_aggregator_restored_records_total").increment(replay.records);
+        metrics::counter!("smartmsg_aggregator_restored_records_total").increment(restored.records);
         tracing::info!(
             partition = p,
-            full,
-            changelog_records = replay.records,
-            open_windows = engine.open_windows(),
-            input_offset = committed,
+            full = restored.full,
+            changelog_records = restored.records,
+            buckets = restored.engine.open_buckets(),
+            input_offset = restored.input_offset,
             took_ms = took.as_millis() as u64,
             "aggregator state restored"
         );
+        // A new writer epoch, above every epoch in the state restored.
+        let epoch = (system_now_ms().max(0) as u64).max(restored.epoch + 1);
         let writer = args.member.writer();
-        let reader = args.member.reader(p, committed).await?;
+        let reader = args.member.reader(p, restored.input_offset).await?;
         myself.send_message(AggregatorMsg::Poll)?;
         let now = ctx.clock.now_ms();
+        let progress = AggProgress {
+            window: restored.engine.meta(),
+            input_offset: restored.input_offset,
+            changelog_offset: restored.changelog_offset,
+            epoch: restored.epoch,
+        };
         Ok(AggregatorState {
             ctx,
             partition: p,
-            engine,
+            epoch,
+            progress,
+            next_from: progress.input_offset,
+            inflight: None,
+            saved: progress,
+            unsaved: FxHashMap::default(),
+            last_checkpoint: Instant::now(),
+            engine: restored.engine,
             store,
             reader,
             writer,
-            progress,
             dlq: Vec::new(),
             counted: 0,
             uncommitted: 0,
@@ -387,12 +519,10 @@ impl Actor for WindowAggregatorActor {
             st.uncommitted += records.len();
             st.first_uncommitted.get_or_insert_with(Instant::now);
             st.process(&records);
-        } else if now - st.last_fetch_ms >= cfg.idle_close_ms as i64 {
+        } else if st.reader.at_end() && now - st.last_fetch_ms >= cfg.idle_close_ms as i64 {
             st.engine.idle_close(now);
         }
-        let has_work = st.engine.has_changes()
-            || !st.dlq.is_empty()
-            || st.reader.position() != st.progress.input_offset;
+        let has_work = st.has_work();
         let due = caught_up
             || st.uncommitted >= max
             || st
@@ -401,8 +531,33 @@ impl Actor for WindowAggregatorActor {
                 .unwrap_or(false);
         if has_work && due {
             st.commit().await?;
+        } else if caught_up || st.inflight.as_ref().is_some_and(|f| f.task.is_finished()) {
+            st.finish_inflight().await?;
+        }
+        let every = Duration::from_millis(cfg.checkpoint_interval_ms);
+        if !st.store_is_current() && st.last_checkpoint.elapsed() >= every {
+            st.checkpoint().await?;
         }
         myself.send_message(AggregatorMsg::Poll)?;
         Ok(())
+    }
+
+    /// Drain: commit what was processed, then checkpoint the local state.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        st: &mut AggregatorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let mut res = Ok(());
+        if st.has_work() {
+            res = st.commit().await;
+        }
+        if res.is_ok() {
+            res = st.finish_inflight().await;
+        }
+        if let Err(e) = res {
+            tracing::warn!(partition = st.partition, error = %e, "final commit failed; the next owner reprocesses");
+        }
+        st.checkpoint().await
     }
 }

@@ -143,7 +143,7 @@ impl CampaignActor {
         }
         if scheduled {
             if let Some(job) = job_of(&st.state) {
-                ctx.queue.publish(&job).await?;
+                ctx.queue()?.publish(&job).await?;
                 metrics::counter!("smartmsg_jobs_scheduled_total").increment(1);
             }
         }
@@ -171,7 +171,7 @@ impl Actor for CampaignActor {
         }
         if args.republish {
             if let Some(job) = job_of(&state) {
-                args.ctx.queue.publish(&job).await?;
+                args.ctx.queue()?.publish(&job).await?;
             }
         }
         Ok(CampaignActorState { args, state })

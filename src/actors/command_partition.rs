@@ -143,7 +143,7 @@ impl Actor for CommandPartitionActor {
                 s.apply(e);
             }
             if let Some(job) = job_of(&s) {
-                ctx.queue.publish(&job).await?;
+                ctx.queue()?.publish(&job).await?;
                 republished += 1;
             }
         }

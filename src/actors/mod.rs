@@ -60,7 +60,8 @@ pub struct Ctx {
     pub node_id: String,
     pub clock: SharedClock,
     pub log: SharedLog,
-    pub queue: SharedQueue,
+    /// The delay queue; `None` on a node without the commands and scheduler roles.
+    pub queue: Option<SharedQueue>,
     pub topics: Topics,
     pub read_model: ReadModelStore,
     pub subscribers: SubscriberStore,
@@ -75,6 +76,13 @@ pub struct Ctx {
 pub type SharedCtx = Arc<Ctx>;
 
 impl Ctx {
+    /// The delay queue, or an error on a node that runs none.
+    pub fn queue(&self) -> Result<&SharedQueue, crate::io::IoError> {
+        self.queue.as_ref().ok_or_else(|| {
+            crate::io::IoError::Fatal("this node runs no delay queue (node.roles)".into())
+        })
+    }
+
     pub fn group(&self) -> &str {
         &self.cfg.kafka.group_id
     }

@@ -40,7 +40,7 @@ impl Actor for SchedulerActor {
         state: &mut SchedulerState,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = &state.ctx;
-        if let Some(d) = ctx.queue.next_due(Duration::from_millis(250)).await? {
+        if let Some(d) = ctx.queue()?.next_due(Duration::from_millis(250)).await? {
             let lateness_ms = (ctx.clock.now_ms() - d.job.due_at).max(0);
             metrics::histogram!("smartmsg_job_lateness_seconds")
                 .record(lateness_ms as f64 / 1000.0);
@@ -64,11 +64,11 @@ impl Actor for SchedulerActor {
                 .await
             {
                 Ok(_) => {
-                    ctx.queue.ack(d.tag).await?;
+                    ctx.queue()?.ack(d.tag).await?;
                     tracing::debug!(campaign = %d.job.campaign_id, batch = d.job.batch, lateness_ms, "job fired");
                 }
                 Err(e) => {
-                    ctx.queue.requeue(d.tag).await?;
+                    ctx.queue()?.requeue(d.tag).await?;
                     return Err(e.into());
                 }
             }

@@ -2,6 +2,7 @@
 //! No IO and no actors here; unit tests live beside the code.
 
 pub mod campaign;
+pub mod changelog;
 pub mod model;
 pub mod partition;
 pub mod reaction;

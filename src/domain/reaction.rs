@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::borrow::Cow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,6 +39,75 @@ pub struct Reaction {
     pub user_id: String,
     pub action: Action,
     pub ts: i64,
+}
+
+/// A validated reaction borrowing its strings from the record where it can
+/// (the aggregator's hot path allocates nothing per event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReactionView<'a> {
+    pub event_id: Cow<'a, str>,
+    pub campaign_id: Cow<'a, str>,
+    pub creative_id: Cow<'a, str>,
+    pub user_id: Cow<'a, str>,
+    pub action: Action,
+    pub ts: i64,
+}
+
+impl ReactionView<'_> {
+    pub fn into_owned(self) -> Reaction {
+        Reaction {
+            event_id: self.event_id.into_owned(),
+            campaign_id: self.campaign_id.into_owned(),
+            creative_id: self.creative_id.into_owned(),
+            user_id: self.user_id.into_owned(),
+            action: self.action,
+            ts: self.ts,
+        }
+    }
+}
+
+/// The common shape: unescaped strings, known action, integer `ts`. Only
+/// ever accepts what the full validation accepts; anything else (escapes,
+/// duplicates, wrong types) falls back to the full validation, which also
+/// names the reason.
+#[derive(Deserialize)]
+struct Fast<'a> {
+    event_id: &'a str,
+    campaign_id: &'a str,
+    creative_id: &'a str,
+    user_id: &'a str,
+    action: Action,
+    ts: i64,
+}
+
+/// Parse and validate a reaction value; `Err` carries the DLQ reason.
+pub fn parse_reaction_view(value: Option<&[u8]>) -> Result<ReactionView<'_>, String> {
+    if let Some(b) = value {
+        if let Ok(f) = serde_json::from_slice::<Fast>(b) {
+            let all_set = !(f.event_id.is_empty()
+                || f.campaign_id.is_empty()
+                || f.creative_id.is_empty()
+                || f.user_id.is_empty());
+            if all_set && f.ts >= 0 {
+                return Ok(ReactionView {
+                    event_id: Cow::Borrowed(f.event_id),
+                    campaign_id: Cow::Borrowed(f.campaign_id),
+                    creative_id: Cow::Borrowed(f.creative_id),
+                    user_id: Cow::Borrowed(f.user_id),
+                    action: f.action,
+                    ts: f.ts,
+                });
+            }
+        }
+    }
+    parse_reaction(value).map(|r| ReactionView {
+        event_id: Cow::Owned(r.event_id),
+        campaign_id: Cow::Owned(r.campaign_id),
+        creative_id: Cow::Owned(r.creative_id),
+        user_id: Cow::Owned(r.user_id),
+        action: r.action,
+        ts: r.ts,
+    })
 }
 
 /// Parse a reaction value; `Err` carries the DLQ reason.
@@ -106,5 +176,30 @@ mod tests {
             assert!(e.contains(want), "{e} should mention {want}");
         }
         assert!(parse_reaction(None).unwrap_err().contains("null"));
+    }
+
+    proptest::proptest! {
+        /// The fast path never disagrees with the full validation.
+        #[test]
+        fn fast_path_agrees_with_full_validation(
+            ev in "[a-z\\\\\"]{0,3}",
+            c in "[a-z\\\\\"é]{0,3}",
+            action in "(send|click|impression|buy)",
+            ts in proptest::prop_oneof![proptest::strategy::Just("-1".to_string()), "[0-9]{1,3}", proptest::strategy::Just("1.5".to_string()), proptest::strategy::Just("null".to_string())],
+            dup in proptest::bool::ANY,
+        ) {
+            let esc = |s: &str| serde_json::to_string(s).unwrap();
+            let mut text = format!(
+                r#"{{"event_id":{},"campaign_id":{},"creative_id":"a","user_id":"u","action":"{}","ts":{}"#,
+                esc(&ev), esc(&c), action, ts
+            );
+            if dup {
+                text.push_str(r#","campaign_id":"z""#);
+            }
+            text.push('}');
+            let full = parse_reaction(Some(text.as_bytes()));
+            let view = parse_reaction_view(Some(text.as_bytes())).map(|v| v.into_owned());
+            proptest::prop_assert_eq!(full, view);
+        }
     }
 }

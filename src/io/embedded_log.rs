@@ -269,6 +269,8 @@ struct EmbeddedReader {
     partition: u32,
     position: u64,
     version: watch::Receiver<u64>,
+    /// The last read found fewer records than asked for.
+    at_end: bool,
 }
 
 impl EmbeddedReader {
@@ -302,6 +304,7 @@ impl PartitionReader for EmbeddedReader {
         loop {
             self.version.borrow_and_update();
             let got = self.read_now(max)?;
+            self.at_end = got.len() < max;
             if !got.is_empty() {
                 return Ok(got);
             }
@@ -316,6 +319,10 @@ impl PartitionReader for EmbeddedReader {
     }
     fn seek(&mut self, offset: u64) {
         self.position = offset;
+        self.at_end = false;
+    }
+    fn at_end(&self) -> bool {
+        self.at_end
     }
 }
 
@@ -383,6 +390,7 @@ impl EventLog for EmbeddedLog {
             partition,
             position: from,
             version: self.inner.version.subscribe(),
+            at_end: false,
         })
     }
 
@@ -397,6 +405,7 @@ impl EventLog for EmbeddedLog {
                 partition: p as u32,
                 position: *o,
                 version: self.inner.version.subscribe(),
+                at_end: false,
             })
             .collect();
         Ok(Box::new(EmbeddedTopicReader {
@@ -431,6 +440,15 @@ impl EventLog for EmbeddedLog {
     async fn healthcheck(&self) -> Result<(), IoError> {
         self.inner.tree.get(b"health")?;
         Ok(())
+    }
+
+    async fn group_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, IoError> {
+        self.committed(group, topic, partition).await
     }
 }
 

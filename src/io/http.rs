@@ -463,8 +463,10 @@ async fn readyz(State(app): State<App>) -> Response {
     if let Err(e) = ctx.log.healthcheck().await {
         problems.push(format!("event log: {e}"));
     }
-    if let Err(e) = ctx.queue.healthcheck().await {
-        problems.push(format!("delay queue: {e}"));
+    if let Some(q) = &ctx.queue {
+        if let Err(e) = q.healthcheck().await {
+            problems.push(format!("delay queue: {e}"));
+        }
     }
     if !ctx.readiness.is_ready() {
         problems.push("partitions restoring or node starting".to_string());

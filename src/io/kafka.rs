@@ -30,8 +30,8 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{
-    BaseProducer, BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer,
-    ProducerContext,
+    BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
+    ThreadedProducer,
 };
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -138,11 +138,22 @@ impl KafkaSettings {
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10")
-            .set("queued.max.messages.kbytes", "16384");
+            .set("auto.offset.reset", "earliest");
+        consumer_tuning(&mut c);
         c
     }
+}
+
+/// Fetch tuning of every consumer that reads a partition to its end: the
+/// broker answers a fetch after at most 5 ms instead of 500, and the local
+/// prefetch queue is bounded in bytes per partition (memory), not in records.
+pub fn consumer_tuning(c: &mut ClientConfig) {
+    c.set("fetch.wait.max.ms", "5")
+        .set("fetch.queue.backoff.ms", "5")
+        .set("queued.min.messages", "100000")
+        .set("queued.max.messages.kbytes", "4096")
+        .set("max.partition.fetch.bytes", "1048576")
+        .set("fetch.max.bytes", "8388608");
 }
 
 struct Inner {
@@ -226,6 +237,25 @@ impl KafkaLog {
 
     fn settings(&self) -> &KafkaSettings {
         &self.inner.s
+    }
+
+    /// Delete a topic (benchmarks clean up after themselves).
+    pub async fn delete_topic(&self, name: &str) -> Result<(), IoError> {
+        let res = self
+            .inner
+            .admin
+            .delete_topics(
+                &[name],
+                &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT)),
+            )
+            .await
+            .map_err(|e| kafka_error("delete topic", e))?;
+        for r in res {
+            if let Err((t, code)) = r {
+                return Err(IoError::Retryable(format!("delete topic {t}: {code}")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -365,6 +395,30 @@ impl EventLog for KafkaLog {
         )?))
     }
 
+    async fn group_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, IoError> {
+        let consumer: BaseConsumer<QuietContext> = self
+            .settings()
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create_with_context(QuietContext)
+            .map_err(|e| IoError::Fatal(format!("kafka offsets client: {e}")))?;
+        let tpl = tpl_one(topic, partition);
+        let res = tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, OP_TIMEOUT))
+            .await
+            .map_err(|e| IoError::Fatal(format!("committed task: {e}")))?
+            .map_err(|e| kafka_error("committed offsets", e))?;
+        Ok(res.elements().first().and_then(|e| match e.offset() {
+            Offset::Offset(o) if o >= 0 => Some(o as u64),
+            _ => None,
+        }))
+    }
+
     async fn healthcheck(&self) -> Result<(), IoError> {
         let producer = self.inner.producer.clone();
         tokio::task::spawn_blocking(move || {
@@ -492,9 +546,15 @@ impl PartitionReader for KafkaReader {
         for v in self.positions.values_mut() {
             *v = offset;
         }
+        for v in self.at_eof.values_mut() {
+            *v = false;
+        }
         if let Err(e) = self.assign() {
             self.error = Some(e.to_string());
         }
+    }
+    fn at_end(&self) -> bool {
+        self.at_eof.values().all(|e| *e)
     }
 }
 
@@ -516,6 +576,8 @@ struct TxnRequest {
 /// Collects delivery reports of the transaction in progress.
 struct DeliveryContext {
     results: Mutex<Vec<Option<Result<Written, String>>>>,
+    reported: std::sync::atomic::AtomicUsize,
+    all_reported: std::sync::Condvar,
 }
 
 impl ClientContext for DeliveryContext {
@@ -534,9 +596,36 @@ impl ProducerContext for DeliveryContext {
             }),
             Err((e, _)) => Err(e.to_string()),
         };
-        if let Some(slot) = self.results.lock().expect("delivery lock").get_mut(idx) {
+        let mut results = self.results.lock().expect("delivery lock");
+        if let Some(slot) = results.get_mut(idx) {
+            if slot.is_none() {
+                self.reported.fetch_add(1, Ordering::SeqCst);
+            }
             *slot = Some(r);
         }
+        drop(results);
+        self.all_reported.notify_all();
+    }
+}
+
+impl DeliveryContext {
+    /// Wait (the producer's polling thread serves the reports) until
+    /// `total` delivery reports arrived.
+    fn wait_reported(&self, total: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.results.lock().expect("delivery lock");
+        while self.reported.load(Ordering::SeqCst) < total {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            guard = self
+                .all_reported
+                .wait_timeout(guard, left)
+                .expect("delivery lock")
+                .0;
+        }
+        true
     }
 }
 
@@ -554,7 +643,7 @@ impl TxnCoordinator {
         transactional_id: &str,
         group: Option<GroupMetadataFn>,
     ) -> Result<Self, IoError> {
-        let producer: BaseProducer<DeliveryContext> = s
+        let producer: ThreadedProducer<DeliveryContext> = s
             .client()
             .set("transactional.id", transactional_id)
             .set("enable.idempotence", "true")
@@ -565,6 +654,8 @@ impl TxnCoordinator {
             .set("message.timeout.ms", "9000")
             .create_with_context(DeliveryContext {
                 results: Mutex::new(Vec::new()),
+                reported: Default::default(),
+                all_reported: Default::default(),
             })
             .map_err(|e| IoError::Fatal(format!("transactional producer: {e}")))?;
         let (tx, rx) = std::sync::mpsc::channel::<TxnRequest>();
@@ -578,7 +669,7 @@ impl TxnCoordinator {
 }
 
 fn txn_loop(
-    producer: BaseProducer<DeliveryContext>,
+    producer: ThreadedProducer<DeliveryContext>,
     rx: std::sync::mpsc::Receiver<TxnRequest>,
     group: Option<GroupMetadataFn>,
     id: String,
@@ -614,7 +705,11 @@ fn txn_loop(
                 }
             }
         }
-        match run_txn(&producer, &reqs, group.as_ref()) {
+        let started = Instant::now();
+        let res = run_txn(&producer, &reqs, group.as_ref());
+        metrics::histogram!("smartmsg_kafka_transaction_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match res {
             Ok(written) => {
                 for (r, w) in reqs.into_iter().zip(written) {
                     let _ = r.reply.send(Ok(w));
@@ -636,12 +731,13 @@ fn txn_loop(
 }
 
 fn run_txn(
-    producer: &BaseProducer<DeliveryContext>,
+    producer: &ThreadedProducer<DeliveryContext>,
     reqs: &[TxnRequest],
     group: Option<&GroupMetadataFn>,
 ) -> Result<Vec<Vec<Written>>, IoError> {
     let total: usize = reqs.iter().map(|r| r.txn.records.len()).sum();
     *producer.context().results.lock().expect("delivery lock") = vec![None; total];
+    producer.context().reported.store(0, Ordering::SeqCst);
     producer
         .begin_transaction()
         .map_err(|e| kafka_error("begin transaction", e))?;
@@ -665,7 +761,7 @@ fn run_txn(
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         rec = back;
-                        producer.poll(Duration::from_millis(10));
+                        std::thread::sleep(Duration::from_millis(1));
                     }
                     Err((e, _)) => return Err(kafka_error("produce", e)),
                 }
@@ -690,9 +786,14 @@ fn run_txn(
             .send_offsets_to_transaction(&tpl, &cgm, OP_TIMEOUT)
             .map_err(|e| kafka_error("send offsets to transaction", e))?;
     }
-    producer
-        .flush(OP_TIMEOUT)
-        .map_err(|e| kafka_error("flush", e))?;
+    // Wait for every delivery report (served by the producer's polling
+    // thread as the broker acknowledges), then commit: rdkafka's `flush`
+    // polls in 100 ms steps, and so does a commit with records in flight.
+    if !producer.context().wait_reported(total, OP_TIMEOUT) {
+        return Err(IoError::Retryable(
+            "transaction records not acknowledged in time".into(),
+        ));
+    }
     producer
         .commit_transaction(OP_TIMEOUT)
         .map_err(|e| kafka_error("commit transaction", e))?;
@@ -850,17 +951,16 @@ impl KafkaGroup {
         let (etx, erx) = mpsc::unbounded_channel();
         let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let consumer: BaseConsumer<GroupContext> = s
-            .client()
-            .set("group.id", group)
+        let mut cc = s.client();
+        cc.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", s.session_timeout_ms.to_string())
-            .set("fetch.wait.max.ms", "10")
-            .set("queued.max.messages.kbytes", "16384")
+            .set("session.timeout.ms", s.session_timeout_ms.to_string());
+        consumer_tuning(&mut cc);
+        let consumer: BaseConsumer<GroupContext> = cc
             .create_with_context(GroupContext {
                 topic: topic.to_string(),
                 events: etx,
@@ -1016,6 +1116,8 @@ struct GroupReader {
     /// A seek to `position` is under way: records before the one at
     /// `position` are stale and dropped.
     seeking: bool,
+    /// The consumer reported the end of the partition after our last record.
+    at_end: bool,
 }
 
 impl GroupReader {
@@ -1066,7 +1168,14 @@ impl PartitionReader for GroupReader {
                     self.topic, self.partition
                 )));
             };
-            let Item::Rec(r) = item else { continue };
+            let r = match item {
+                Item::Rec(r) => r,
+                Item::Eof => {
+                    self.at_end = !self.seeking;
+                    continue;
+                }
+            };
+            self.at_end = false;
             if r.offset != self.position {
                 if self.seeking || r.offset < self.position {
                     continue;
@@ -1089,7 +1198,11 @@ impl PartitionReader for GroupReader {
     }
     fn seek(&mut self, offset: u64) {
         self.position = offset;
+        self.at_end = false;
         self.start_seek();
+    }
+    fn at_end(&self) -> bool {
+        self.at_end
     }
 }
 
@@ -1134,6 +1247,7 @@ impl GroupMember for KafkaGroup {
             rx,
             position: from,
             seeking: false,
+            at_end: false,
         }))
     }
 

@@ -161,6 +161,10 @@ pub trait PartitionReader: Send + Sync {
     /// Offset of the next record to read.
     fn position(&self) -> u64;
     fn seek(&mut self, offset: u64);
+    /// Whether the reader is known to be at the end of the partition (it
+    /// read everything there was), as opposed to merely not having
+    /// received anything yet.
+    fn at_end(&self) -> bool;
 }
 
 /// Reader of every partition of a topic (records carry their partition).
@@ -232,6 +236,14 @@ pub trait EventLog: Send + Sync + 'static {
     ) -> Result<Arc<dyn GroupMember>, IoError>;
     /// Whether the backend is usable (for `/readyz`).
     async fn healthcheck(&self) -> Result<(), IoError>;
+    /// The committed offset of `group` on a partition (next record it
+    /// reads), without joining the group.
+    async fn group_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, IoError>;
 }
 
 pub type SharedLog = Arc<dyn EventLog>;

@@ -5,7 +5,7 @@
 
 use crate::domain::campaign::{CampaignState, Event, EventBody};
 use crate::domain::model::Arm;
-use crate::domain::window::{FinalWindow, WindowKey, WindowMeta};
+use crate::domain::window::{BucketKey, FinalWindow, WindowMeta};
 use crate::io::IoError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -407,10 +407,13 @@ pub struct AggProgress {
     pub input_offset: u64,
     /// Next changelog offset not yet reflected in this state.
     pub changelog_offset: u64,
+    /// Writer epoch of the last changelog transaction reflected.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
-/// Open windows with their counts, and the progress they reflect.
-pub type AggSnapshot = (Vec<(WindowKey, u64)>, AggProgress);
+/// Window buckets with their counts, and the progress they reflect.
+pub type AggSnapshot = (Vec<(BucketKey, u64)>, AggProgress);
 
 /// An aggregator's local window state for one input partition.
 #[derive(Clone)]
@@ -434,9 +437,13 @@ impl AggStateStore {
         let mut windows = Vec::new();
         for item in self.tree.scan_prefix(b"w") {
             let (k, v) = item?;
-            let key = WindowKey::decode(&k[1..])
-                .ok_or_else(|| IoError::Fatal("corrupt window key".into()))?;
-            let count = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+            let key = BucketKey::decode(&k[1..])
+                .ok_or_else(|| IoError::Fatal("corrupt window bucket key".into()))?;
+            let count = u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| IoError::Fatal("corrupt window bucket count".into()))?,
+            );
             windows.push((key, count));
         }
         Ok(Some((windows, progress)))
@@ -445,7 +452,7 @@ impl AggStateStore {
     /// Apply window changes and the progress they bring, atomically.
     pub fn apply(
         &self,
-        changes: &[(WindowKey, Option<u64>)],
+        changes: &[(BucketKey, Option<u64>)],
         progress: &AggProgress,
     ) -> Result<(), IoError> {
         let mut batch = sled::Batch::default();

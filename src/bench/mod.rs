@@ -1,6 +1,9 @@
 //! `smartmsg bench ...`: benchmarks against the real services. Each prints
 //! progress to stderr and one JSON object on its last stdout line.
 
+pub mod aggregate;
+pub mod synth;
+
 use crate::clock::{system_now_ms, SharedClock, SystemClock};
 use crate::io::amqp::{AmqpSettings, RabbitDelayQueue};
 use crate::io::{DelayQueue, Job};
@@ -14,6 +17,9 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchCmd {
+    /// Reaction windows on Kafka: end-to-end rate with exactly-once, CPU,
+    /// peak RSS, restore; every window verified.
+    Aggregate(aggregate::AggregateArgs),
     /// Jobs through the RabbitMQ delay queue: publish rate and lateness.
     DelayQueue(DelayQueueArgs),
 }
@@ -49,6 +55,7 @@ pub struct DelayQueueArgs {
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::DelayQueue(a) => delay_queue(a).await,
+        BenchCmd::Aggregate(a) => aggregate::run(a).await,
     }
 }
 

@@ -1,0 +1,609 @@
+//! `smartmsg bench aggregate`: synthetic reactions produced to a Kafka
+//! broker, the raw consume rate of the same broker (plain rdkafka consumer,
+//! the ceiling), then the aggregation in cluster mode with exactly-once by a
+//! real `smartmsg run` process with the aggregator role: its end-to-end rate,
+//! CPU time and peak RSS (from /proc), every window count verified from
+//! `reaction-aggregates`, then its restore with intact local state and a
+//! full rebuild from the changelog.
+
+use super::synth::{generate, Expected, SynthSpec};
+use crate::config::Config;
+use crate::domain::window::FinalWindow;
+use crate::io::kafka::{consumer_tuning, KafkaLog, KafkaSettings};
+use crate::io::topics::Topics;
+use crate::io::EventLog;
+use anyhow::{anyhow, bail, Context};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AggregateArgs {
+    /// Number of input records.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Partitions of the topics.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: u32,
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Campaigns in the synthetic input (4 creatives each).
+    #[arg(long, default_value_t = 50)]
+    pub campaigns: u32,
+    /// Minutes of event time the input covers.
+    #[arg(long, default_value_t = 30)]
+    pub minutes: i64,
+    /// Seed of the input.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Skip the restore measurements.
+    #[arg(long)]
+    pub no_restore: bool,
+}
+
+/// Delivery reports: highest offset per partition, failures.
+struct Deliveries {
+    ends: Mutex<HashMap<i32, i64>>,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl ClientContext for Deliveries {}
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        match r {
+            Ok(m) => {
+                let mut e = self.ends.lock().expect("ends");
+                let v = e.entry(m.partition()).or_insert(-1);
+                *v = (*v).max(m.offset());
+            }
+            Err(_) => {
+                self.failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Produce the synthetic input; the end offset of every partition.
+fn produce(
+    brokers: &str,
+    topic: &str,
+    spec: &SynthSpec,
+    partitions: u32,
+) -> anyhow::Result<(Vec<u64>, Expected, f64)> {
+    let ctx = Deliveries {
+        ends: Mutex::new(HashMap::new()),
+        failed: Default::default(),
+    };
+    let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "500000")
+        .set("log_level", "3")
+        .create_with_context(ctx)?;
+    let started = Instant::now();
+    let exp = generate(spec, |key, value| {
+        let mut rec = BaseRecord::<str, [u8]>::to(topic).key(key);
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        let mut rec = rec;
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(_), r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    });
+    producer.flush(Duration::from_secs(120))?;
+    let secs = started.elapsed().as_secs_f64();
+    let failed = producer
+        .context()
+        .failed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} records failed to produce");
+    }
+    let ends = producer.context().ends.lock().expect("ends").clone();
+    let ends = (0..partitions as i32)
+        .map(|p| ends.get(&p).map(|o| (*o + 1) as u64).unwrap_or(0))
+        .collect();
+    Ok((ends, exp, secs))
+}
+
+/// A plain consumer of `topic` from the beginning, with the tuning the
+/// aggregators use: records per second until every partition is at its end.
+fn raw_consume(brokers: &str, topic: &str, ends: &[u64]) -> anyhow::Result<f64> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
+        .set("group.id", format!("raw-{}", uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("log_level", "3");
+    consumer_tuning(&mut cfg);
+    let c: BaseConsumer = cfg.create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..ends.len() {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let total: u64 = ends.iter().sum();
+    let mut seen = 0u64;
+    let mut bytes = 0usize;
+    // Timed from the first record: connecting is not consuming.
+    let mut started: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while seen < total && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            started.get_or_insert_with(Instant::now);
+            seen += 1;
+            bytes += m.payload().map(|p| p.len()).unwrap_or(0);
+        }
+    }
+    let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(1.0);
+    std::hint::black_box(bytes);
+    if seen < total {
+        bail!("raw consumer read {seen} of {total} records");
+    }
+    Ok(total as f64 / secs)
+}
+
+/// The committed offsets of `group` on `topic`.
+fn committed(brokers: &str, group: &str, topic: &str, partitions: u32) -> anyhow::Result<Vec<u64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p as i32);
+    }
+    let res = c.committed_offsets(tpl, Duration::from_secs(5))?;
+    Ok(res
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) if o >= 0 => o as u64,
+            _ => 0,
+        })
+        .collect())
+}
+
+/// (partition, offset, value) of a record read back.
+pub type RawRecord = (i32, i64, Option<Vec<u8>>);
+
+/// Read a topic from the beginning to the end of every partition.
+pub fn read_topic(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<Vec<RawRecord>> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("verify-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("log_level", "3");
+    let c: BaseConsumer = cfg.create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let mut eof = vec![false; partitions as usize];
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while eof.iter().any(|e| !e) {
+        if Instant::now() > deadline {
+            bail!("reading {topic}: no end of partition within 120 s");
+        }
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                eof[m.partition() as usize] = false;
+                out.push((m.partition(), m.offset(), m.payload().map(|p| p.to_vec())));
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => eof[p as usize] = true,
+            Some(Err(e)) => bail!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// What the final windows and the DLQ say against the expectation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Verdict {
+    pub windows_expected: usize,
+    pub windows_found: usize,
+    pub wrong_counts: usize,
+    pub missing: usize,
+    pub unexpected: usize,
+    /// Final records whose identity appeared more than once.
+    pub duplicate_finals: usize,
+    pub dlq_bad: u64,
+    pub dlq_late: u64,
+    pub ok: bool,
+}
+
+/// Check the deduplicated final windows (last record per identity wins)
+/// and the DLQ against `exp`.
+pub fn verify(
+    brokers: &str,
+    topics: &Topics,
+    partitions: u32,
+    exp: &Expected,
+) -> anyhow::Result<Verdict> {
+    let mut last: HashMap<String, FinalWindow> = HashMap::new();
+    let mut dup = 0;
+    for (_, _, v) in read_topic(brokers, &topics.aggregates, partitions)? {
+        let Some(v) = v else { continue };
+        let f: FinalWindow = serde_json::from_slice(&v).context("final window record")?;
+        if last.insert(f.identity(), f).is_some() {
+            dup += 1;
+        }
+    }
+    let mut sums: HashMap<super::synth::WindowId, u64> = HashMap::new();
+    let mut unexpected = 0;
+    for f in last.values() {
+        match Expected::window_id(
+            &f.campaign_id,
+            &f.creative_id,
+            f.action,
+            f.window,
+            f.window_start,
+        ) {
+            Some(id) => *sums.entry(id).or_default() += f.count,
+            None => unexpected += 1,
+        }
+    }
+    let mut v = Verdict {
+        windows_expected: exp.windows.len(),
+        windows_found: sums.len(),
+        duplicate_finals: dup,
+        ..Default::default()
+    };
+    for (id, n) in &exp.windows {
+        match sums.get(id) {
+            None => v.missing += 1,
+            Some(m) if m != n => v.wrong_counts += 1,
+            Some(_) => {}
+        }
+    }
+    v.unexpected = unexpected + sums.keys().filter(|k| !exp.windows.contains_key(k)).count();
+    let mut dlq: HashMap<(u64, u64), String> = HashMap::new();
+    for (_, _, val) in read_topic(brokers, &topics.reactions_dlq, partitions)? {
+        let Some(val) = val else { continue };
+        let d: serde_json::Value = serde_json::from_slice(&val)?;
+        let id = (
+            d["partition"].as_u64().unwrap_or(0),
+            d["offset"].as_u64().unwrap_or(0),
+        );
+        dlq.insert(id, d["reason"].as_str().unwrap_or("").to_string());
+    }
+    v.dlq_late = dlq.values().filter(|r| r.starts_with("late")).count() as u64;
+    v.dlq_bad = dlq.len() as u64 - v.dlq_late;
+    v.ok = v.missing == 0
+        && v.wrong_counts == 0
+        && v.unexpected == 0
+        && v.dlq_late == exp.late
+        && v.dlq_bad == exp.bad;
+    Ok(v)
+}
+
+/// `/proc/<pid>` readings of a child.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after ")".
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
+fn peak_rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// A `smartmsg run` child with the aggregator role.
+pub struct Worker {
+    pub child: Child,
+    /// (partition, took_ms, full, changelog_records) per restore logged.
+    pub restores: mpsc::Receiver<(u64, u64, bool, u64)>,
+}
+
+impl Worker {
+    pub fn spawn(config: &Path) -> anyhow::Result<Worker> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the aggregator process")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    eprintln!("worker: {line}");
+                    continue;
+                };
+                let f = &v["fields"];
+                if f["message"] == "aggregator state restored" {
+                    let _ = tx.send((
+                        f["partition"].as_u64().unwrap_or(0),
+                        f["took_ms"].as_u64().unwrap_or(0),
+                        f["full"].as_bool().unwrap_or(false),
+                        f["changelog_records"].as_u64().unwrap_or(0),
+                    ));
+                } else if v["level"] == "ERROR" || v["level"] == "WARN" {
+                    eprintln!("worker: {line}");
+                }
+            }
+        });
+        Ok(Worker {
+            child,
+            restores: rx,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for `n` partition restores: (max took_ms, all full, records).
+    pub fn await_restores(&self, n: u32, timeout: Duration) -> anyhow::Result<(u64, bool, u64)> {
+        let deadline = Instant::now() + timeout;
+        let (mut took, mut full, mut records) = (0, true, 0);
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (_, t, f, r) = self
+                .restores
+                .recv_timeout(left)
+                .map_err(|_| anyhow!("the aggregator process did not restore all partitions"))?;
+            took = took.max(t);
+            full &= f;
+            records += r;
+        }
+        Ok((took, full, records))
+    }
+
+    /// SIGTERM and wait (graceful drain).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        bail!("the aggregator process did not stop within 60 s")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Config file of an aggregator-only node.
+pub fn worker_config(
+    dir: &Path,
+    brokers: &str,
+    prefix: &str,
+    partitions: u32,
+    node: &str,
+) -> anyhow::Result<PathBuf> {
+    let data = dir.join(format!("data-{node}"));
+    let text = format!(
+        r#"[node]
+id = "{node}"
+roles = "aggregator"
+[storage]
+data_dir = "{data}"
+[http]
+listen = "127.0.0.1:0"
+[backend]
+kind = "cluster"
+[kafka]
+brokers = "{brokers}"
+topic_prefix = "{prefix}"
+partitions = {partitions}
+group_id = "{prefix}group"
+session_timeout_ms = 6000
+[aggregator]
+idle_close_ms = 1000
+[log]
+format = "json"
+level = "info"
+"#,
+        data = data.display()
+    );
+    let path = dir.join(format!("{node}.toml"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let prefix = format!("bench{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let cfg_path = worker_config(dir.path(), &a.brokers, &prefix, a.partitions, "bench-agg")?;
+    let cfg = Config::load(Some(&cfg_path)).map_err(|e| anyhow!("{e}"))?;
+    let topics = Topics::new(&cfg);
+    let log = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;
+    for spec in topics.specs() {
+        log.ensure_topic(&spec).await?;
+    }
+    let mut spec = SynthSpec::new(a.events);
+    spec.campaigns = a.campaigns;
+    spec.span_ms = a.minutes * 60_000;
+    spec.seed = a.seed;
+    spec.grace_ms = cfg.aggregator.grace_ms as i64;
+    let (brokers, topic, parts) = (a.brokers.clone(), topics.reactions.clone(), a.partitions);
+    let spec2 = spec.clone();
+    let (ends, exp, produce_secs) =
+        tokio::task::spawn_blocking(move || produce(&brokers, &topic, &spec2, parts)).await??;
+    let total: u64 = ends.iter().sum();
+    if total != a.events {
+        bail!("produced {total} of {} records", a.events);
+    }
+    eprintln!(
+        "produced {total} records in {produce_secs:.2} s ({:.0}/s); ends {ends:?}",
+        total as f64 / produce_secs
+    );
+    let (brokers, topic, e2) = (a.brokers.clone(), topics.reactions.clone(), ends.clone());
+    let raw = tokio::task::spawn_blocking(move || raw_consume(&brokers, &topic, &e2)).await??;
+    eprintln!("raw consume: {raw:.0} records/s");
+
+    // The aggregation run.
+    let spawned = Instant::now();
+    let worker = Worker::spawn(&cfg_path)?;
+    let pid = worker.pid();
+    let w = tokio::task::spawn_blocking(move || {
+        let r = worker.await_restores(parts, Duration::from_secs(120));
+        (worker, r)
+    })
+    .await?;
+    let (worker, restored) = w;
+    restored?;
+    let start = Instant::now();
+    let cpu0 = cpu_seconds(pid);
+    eprintln!(
+        "aggregator process up and restored after {:.2} s; aggregating",
+        spawned.elapsed().as_secs_f64()
+    );
+    let group = cfg.kafka.group_id.clone();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (b, g, t) = (a.brokers.clone(), group.clone(), topics.reactions.clone());
+        let c = tokio::task::spawn_blocking(move || committed(&b, &g, &t, parts)).await??;
+        if c == ends {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("aggregation did not finish within 600 s: committed {c:?} of {ends:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu0;
+    eprintln!("aggregated {total} records in {secs:.2} s, {cpu:.2} CPU-s");
+    // The last windows close when the partitions are idle.
+    let mut verdict = Verdict::default();
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (b, t) = (a.brokers.clone(), topics.clone());
+        let exp_ref = &exp;
+        verdict = tokio::task::block_in_place(|| verify(&b, &t, parts, exp_ref))?;
+        if verdict.ok {
+            break;
+        }
+    }
+    let peak_rss = peak_rss_bytes(pid);
+    eprintln!("verification: {verdict:?}");
+    let changelog = {
+        let (b, t) = (a.brokers.clone(), topics.aggregator_changelog.clone());
+        tokio::task::spawn_blocking(move || read_topic(&b, &t, parts).map(|v| v.len())).await??
+    };
+    worker.stop()?;
+
+    let (mut restore_ms, mut rebuild_ms, mut rebuild_records) = (None, None, None);
+    if !a.no_restore {
+        // Restart with intact local state.
+        let w = Worker::spawn(&cfg_path)?;
+        let (took, full, _) = tokio::task::spawn_blocking(move || {
+            let r = w.await_restores(parts, Duration::from_secs(120));
+            let _ = w.stop();
+            r
+        })
+        .await??;
+        if full {
+            bail!("a restart with intact local state rebuilt from the changelog");
+        }
+        restore_ms = Some(took);
+        // Full rebuild: no local state.
+        std::fs::remove_dir_all(dir.path().join("data-bench-agg"))?;
+        let w = Worker::spawn(&cfg_path)?;
+        let (took, full, records) = tokio::task::spawn_blocking(move || {
+            let r = w.await_restores(parts, Duration::from_secs(120));
+            let _ = w.stop();
+            r
+        })
+        .await??;
+        if !full {
+            bail!("a start without local state did not rebuild");
+        }
+        rebuild_ms = Some(took);
+        rebuild_records = Some(records);
+    }
+    for spec in topics.specs() {
+        let _ = log.delete_topic(&spec.name).await;
+    }
+    let result = json!({
+        "events": total,
+        "events_per_s": (total as f64 / secs).round(),
+        "events_per_cpu_s": (total as f64 / cpu.max(1e-9)).round(),
+        "peak_rss_bytes": peak_rss,
+        "raw_consume_events_per_s": raw.round(),
+        "raw_ratio": ((total as f64 / secs) / raw * 100.0).round() / 100.0,
+        "restore_ms": restore_ms,
+        "rebuild_ms": rebuild_ms,
+        "rebuild_changelog_records": rebuild_records,
+        "changelog_records": changelog,
+        "produce_events_per_s": (total as f64 / produce_secs).round(),
+        "partitions": parts,
+        "verified": verdict.ok,
+        "verification": verdict,
+    });
+    println!("{result}");
+    if !verdict.ok {
+        bail!("verification failed");
+    }
+    Ok(())
+}
