@@ -75,8 +75,9 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// Produce the synthetic input; the end offset of every partition.
-fn produce(
+/// Produce the synthetic input: the end offset of every partition, what
+/// must come out, and the seconds it took.
+pub fn produce(
     brokers: &str,
     topic: &str,
     spec: &SynthSpec,
@@ -168,7 +169,12 @@ fn raw_consume(brokers: &str, topic: &str, ends: &[u64]) -> anyhow::Result<f64> 
 }
 
 /// The committed offsets of `group` on `topic`.
-fn committed(brokers: &str, group: &str, topic: &str, partitions: u32) -> anyhow::Result<Vec<u64>> {
+pub fn committed(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<Vec<u64>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -346,8 +352,9 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(config: &Path) -> anyhow::Result<Worker> {
-        let mut child = Command::new(std::env::current_exe()?)
+    /// Start `bin run --config config`.
+    pub fn spawn(bin: &Path, config: &Path) -> anyhow::Result<Worker> {
+        let mut child = Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -403,6 +410,12 @@ impl Worker {
             records += r;
         }
         Ok((took, full, records))
+    }
+
+    /// SIGKILL (a crash) and reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM and wait (graceful drain).
@@ -502,7 +515,7 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
 
     // The aggregation run.
     let spawned = Instant::now();
-    let worker = Worker::spawn(&cfg_path)?;
+    let worker = Worker::spawn(&std::env::current_exe()?, &cfg_path)?;
     let pid = worker.pid();
     let w = tokio::task::spawn_blocking(move || {
         let r = worker.await_restores(parts, Duration::from_secs(120));
@@ -556,7 +569,7 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
     let (mut restore_ms, mut rebuild_ms, mut rebuild_records) = (None, None, None);
     if !a.no_restore {
         // Restart with intact local state.
-        let w = Worker::spawn(&cfg_path)?;
+        let w = Worker::spawn(&std::env::current_exe()?, &cfg_path)?;
         let (took, full, _) = tokio::task::spawn_blocking(move || {
             let r = w.await_restores(parts, Duration::from_secs(120));
             let _ = w.stop();
@@ -569,7 +582,7 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
         restore_ms = Some(took);
         // Full rebuild: no local state.
         std::fs::remove_dir_all(dir.path().join("data-bench-agg"))?;
-        let w = Worker::spawn(&cfg_path)?;
+        let w = Worker::spawn(&std::env::current_exe()?, &cfg_path)?;
         let (took, full, records) = tokio::task::spawn_blocking(move || {
             let r = w.await_restores(parts, Duration::from_secs(120));
             let _ = w.stop();

@@ -1,0 +1,193 @@
+//! The acceptance run of the reaction windows on a real Kafka-protocol
+//! broker: 1M events over 4 partitions, two aggregator processes (cluster
+//! mode, exactly-once), one SIGKILLed and restarted twice during the run.
+//! Afterwards, for every window, the sum of `count` over partitions equals
+//! the number of input events of that key and window; malformed and late
+//! records are in the DLQ with reasons; the last windows of every partition
+//! close by idleness (their event times are long past, no later event comes).
+
+mod common;
+
+use common::tansu::Tansu;
+use smartmsg::bench::aggregate::{committed, produce, verify, worker_config, Worker};
+use smartmsg::bench::synth::SynthSpec;
+use smartmsg::config::Config;
+use smartmsg::domain::window::FinalWindow;
+use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
+use smartmsg::io::topics::Topics;
+use smartmsg::io::EventLog;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const EVENTS: u64 = 1_000_000;
+const PARTITIONS: u32 = 4;
+
+fn progress(brokers: &str, group: &str, topic: &str) -> u64 {
+    committed(brokers, group, topic, PARTITIONS)
+        .map(|c| c.iter().sum())
+        .unwrap_or(0)
+}
+
+/// Wait until the committed input offsets reach `at` records in total.
+fn wait_progress(brokers: &str, group: &str, topic: &str, at: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = progress(brokers, group, topic);
+        if n >= at {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "aggregation stalled at {n} of {at} records"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_million_events_two_nodes_one_killed_twice_exact_windows() {
+    let broker = Tansu::start();
+    let brokers = broker.brokers();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "acc.";
+    let bin = Path::new(env!("CARGO_BIN_EXE_smartmsg"));
+    let cfg_a = worker_config(dir.path(), &brokers, prefix, PARTITIONS, "agg-a").unwrap();
+    let cfg_b = worker_config(dir.path(), &brokers, prefix, PARTITIONS, "agg-b").unwrap();
+    let cfg = Config::load(Some(&cfg_a)).unwrap();
+    let topics = Topics::new(&cfg);
+    let log = KafkaLog::connect(KafkaSettings::from_config(&cfg))
+        .await
+        .unwrap();
+    for spec in topics.specs() {
+        log.ensure_topic(&spec).await.unwrap();
+    }
+    let spec = SynthSpec::new(EVENTS);
+    let (ends, exp, _) = {
+        let (b, t, s) = (brokers.clone(), topics.reactions.clone(), spec.clone());
+        tokio::task::spawn_blocking(move || produce(&b, &t, &s, PARTITIONS))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(ends.iter().sum::<u64>(), EVENTS);
+    assert!(exp.bad > 0 && exp.late > 0);
+
+    let group = cfg.kafka.group_id.clone();
+    let (b, g, t) = (brokers.clone(), group.clone(), topics.reactions.clone());
+    let (a, b_worker) = tokio::task::spawn_blocking(move || {
+        let mut a = Worker::spawn(bin, &cfg_a).unwrap();
+        let b_worker = Worker::spawn(bin, &cfg_b).unwrap();
+        // Kill node A twice mid-run, restarting it each time.
+        for at in [EVENTS / 4, EVENTS / 2] {
+            let reached = wait_progress(&b, &g, &t, at, Duration::from_secs(240));
+            eprintln!("SIGKILL node A at {reached} committed records");
+            a.kill();
+            std::thread::sleep(Duration::from_millis(500));
+            a = Worker::spawn(bin, &cfg_a).unwrap();
+        }
+        wait_progress(&b, &g, &t, EVENTS, Duration::from_secs(300));
+        (a, b_worker)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        committed(&brokers, &group, &topics.reactions, PARTITIONS).unwrap(),
+        ends
+    );
+
+    // The last windows close when the partitions have been idle.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let verdict = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (b, t) = (brokers.clone(), topics.clone());
+        let exp_ref = &exp;
+        let v = tokio::task::block_in_place(|| verify(&b, &t, PARTITIONS, exp_ref)).unwrap();
+        if v.ok || Instant::now() > deadline {
+            break v;
+        }
+    };
+    eprintln!("verdict: {verdict:?}");
+    assert_eq!(verdict.missing, 0, "{verdict:?}");
+    assert_eq!(verdict.wrong_counts, 0, "{verdict:?}");
+    assert_eq!(verdict.unexpected, 0, "{verdict:?}");
+    assert_eq!(
+        verdict.dlq_bad, exp.bad,
+        "malformed/invalid records in the DLQ"
+    );
+    assert_eq!(verdict.dlq_late, exp.late, "late records in the DLQ");
+    assert!(verdict.ok);
+
+    // Repeated final records (a killed node's transaction that the broker
+    // shows although it was aborted, and its redo) must agree: the same
+    // window of the same partition never has two different counts.
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for (_, _, v) in
+        smartmsg::bench::aggregate::read_topic(&brokers, &topics.aggregates, PARTITIONS).unwrap()
+    {
+        let f: FinalWindow = serde_json::from_slice(&v.unwrap()).unwrap();
+        if let Some(prev) = seen.insert(f.identity(), f.count) {
+            assert_eq!(
+                prev,
+                f.count,
+                "conflicting final records for {}",
+                f.identity()
+            );
+        }
+    }
+    // Every DLQ record names its reason and the original position.
+    for (_, _, v) in
+        smartmsg::bench::aggregate::read_topic(&brokers, &topics.reactions_dlq, PARTITIONS).unwrap()
+    {
+        let d: serde_json::Value = serde_json::from_slice(&v.unwrap()).unwrap();
+        let reason = d["reason"].as_str().unwrap();
+        assert!(
+            ["malformed", "invalid", "late"]
+                .iter()
+                .any(|p| reason.starts_with(p)),
+            "{reason}"
+        );
+        assert_eq!(d["topic"], topics.reactions.as_str());
+        assert!(d["offset"].is_u64() && d["partition"].is_u64());
+    }
+    a.stop().unwrap();
+    b_worker.stop().unwrap();
+}
+
+#[test]
+fn bench_aggregate_prints_its_verified_json() {
+    let broker = Tansu::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smartmsg"))
+        .args([
+            "bench",
+            "aggregate",
+            "--events",
+            "30000",
+            "--partitions",
+            "2",
+        ])
+        .args(["--brokers", &broker.brokers()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for k in [
+        "events",
+        "events_per_s",
+        "events_per_cpu_s",
+        "peak_rss_bytes",
+        "raw_consume_events_per_s",
+        "restore_ms",
+        "verified",
+    ] {
+        assert!(last.get(k).is_some(), "{k} missing in {last}");
+    }
+    assert_eq!(last["events"], 30000);
+    assert_eq!(last["verified"], true);
+    assert!(last["peak_rss_bytes"].as_u64().unwrap() > 0);
+}

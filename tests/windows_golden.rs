@@ -1,0 +1,182 @@
+//! Window golden files, like Kafka Streams' TopologyTestDriver: each
+//! `tests/data/windows/<case>.input.ndjson` is replayed into `reaction-logs`
+//! of a real node on the embedded backend with a manual clock, and the final
+//! windows and dead letters it produces must equal
+//! `<case>.expected.json`. Input lines:
+//! * `{"p":0,"key":"u1","value":{...}}` a record (the value as JSON text),
+//!   `"raw":"..."` instead of `value` for bytes as they are, `"null":true`
+//!   for a null value;
+//! * `{"clock":MS}` wait until every record so far is processed, then set
+//!   the wall clock (idle partitions close what it says is past).
+//!
+//! `SMARTMSG_BLESS=1` rewrites the expected files (review them!).
+
+use serde_json::{json, Value};
+use smartmsg::clock::ManualClock;
+use smartmsg::config::Config;
+use smartmsg::io::OutRecord;
+use smartmsg::node::Node;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PARTITIONS: u32 = 2;
+
+async fn read_topic(node: &Node, topic: &str) -> Vec<(u32, u64, Value)> {
+    let mut out = Vec::new();
+    for p in 0..PARTITIONS {
+        let mut r = node.ctx.log.reader(topic, p, 0);
+        loop {
+            let batch = r.next_batch(10_000, Duration::ZERO).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for rec in batch {
+                let v: Value = serde_json::from_slice(rec.value.as_deref().unwrap()).unwrap();
+                out.push((p, rec.offset, v));
+            }
+        }
+    }
+    out
+}
+
+/// Wait until the aggregators committed everything published so far.
+async fn wait_processed(node: &Node, published: &[u64]) {
+    let ctx = &node.ctx;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut done = true;
+        for (p, end) in published.iter().enumerate() {
+            let c = ctx
+                .log
+                .group_offset(ctx.group(), &ctx.topics.reactions, p as u32)
+                .await
+                .unwrap()
+                .unwrap_or(0);
+            done &= c >= *end;
+        }
+        if done {
+            return;
+        }
+        assert!(Instant::now() < deadline, "records not processed in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the outputs stop changing (idle closes are committed).
+async fn wait_settled(node: &Node) {
+    let mut last = usize::MAX;
+    let mut stable_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = read_topic(node, &node.ctx.topics.aggregates).await.len()
+            + read_topic(node, &node.ctx.topics.reactions_dlq).await.len();
+        if n != last {
+            last = n;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_millis(800) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "outputs never settled");
+    }
+}
+
+async fn run_case(name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/windows");
+    let input = std::fs::read_to_string(dir.join(format!("{name}.input.ndjson"))).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = Config::defaults();
+    cfg.node.id = format!("golden-{name}");
+    cfg.node.roles = "aggregator".into();
+    cfg.storage.data_dir = data.path().to_path_buf();
+    cfg.kafka.partitions = PARTITIONS;
+    cfg.aggregator.grace_ms = 10_000;
+    cfg.aggregator.idle_close_ms = 200;
+    let clock = ManualClock::new(0);
+    let node = Node::start(cfg, Arc::new(clock.clone()), false)
+        .await
+        .unwrap();
+    let topic = node.ctx.topics.reactions.clone();
+    let mut published = vec![0u64; PARTITIONS as usize];
+    for (n, line) in input.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", n + 1));
+        if let Some(ms) = v.get("clock") {
+            wait_processed(&node, &published).await;
+            clock.set(ms.as_i64().unwrap());
+            wait_settled(&node).await;
+            continue;
+        }
+        let p = v["p"].as_u64().unwrap() as u32;
+        let value = if v.get("null").is_some() {
+            None
+        } else if let Some(raw) = v.get("raw") {
+            Some(raw.as_str().unwrap().as_bytes().to_vec())
+        } else {
+            Some(v["value"].to_string().into_bytes())
+        };
+        let rec = OutRecord {
+            topic: topic.clone(),
+            partition: Some(p),
+            key: v["key"].as_str().map(|k| k.as_bytes().to_vec()),
+            value,
+        };
+        node.ctx.log.publish(vec![rec]).await.unwrap();
+        published[p as usize] += 1;
+    }
+    wait_processed(&node, &published).await;
+    wait_settled(&node).await;
+    let mut finals: Vec<Value> = read_topic(&node, &node.ctx.topics.aggregates)
+        .await
+        .into_iter()
+        .map(|(_, _, v)| v)
+        .collect();
+    finals.sort_by_key(|v| {
+        (
+            v["partition"].as_u64(),
+            v["window"].as_str().map(String::from),
+            v["window_start"].as_i64(),
+            v["campaign_id"].as_str().map(String::from),
+            v["creative_id"].as_str().map(String::from),
+            v["action"].as_str().map(String::from),
+        )
+    });
+    let dlq: Vec<Value> = read_topic(&node, &node.ctx.topics.reactions_dlq)
+        .await
+        .into_iter()
+        .map(|(_, _, v)| json!({"partition": v["partition"], "offset": v["offset"], "reason": v["reason"]}))
+        .collect();
+    node.shutdown().await;
+    let got = json!({"finals": finals, "dlq": dlq});
+    let path = dir.join(format!("{name}.expected.json"));
+    if std::env::var("SMARTMSG_BLESS").is_ok() {
+        std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
+        return;
+    }
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        got,
+        want,
+        "{name}: got\n{}",
+        serde_json::to_string_pretty(&got).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tumbling_and_hopping_windows_with_grace() {
+    run_case("grace").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_late_records_are_dead_lettered() {
+    run_case("bad_and_late").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_partition_closes_its_windows_by_the_wall_clock() {
+    run_case("idle").await;
+}
