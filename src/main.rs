@@ -72,6 +72,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // glibc gives every thread that allocates its own arena and keeps what
+    // it frees there: with the runtime's, rdkafka's and sled's threads that
+    // cost ~40 MB of RSS in the aggregation benchmark. Two arenas serve
+    // this workload as fast (BENCHMARKS.md). Set before any thread starts.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::CheckConfig { config } => {

@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 
 pub struct WindowAggregatorActor;
 
+/// Records taken from the reader at a time: a transaction spans many
+/// chunks, memory holds one.
+const FETCH_CHUNK: usize = 2_000;
+
 pub struct AggregatorArgs {
     pub ctx: SharedCtx,
     pub partition: u32,
@@ -510,7 +514,10 @@ impl Actor for WindowAggregatorActor {
         let wait = Duration::from_millis(cfg.idle_close_ms.min(100));
         let records = st
             .reader
-            .next_batch(max.saturating_sub(st.uncommitted).max(1), wait)
+            .next_batch(
+                max.saturating_sub(st.uncommitted).clamp(1, FETCH_CHUNK),
+                wait,
+            )
             .await?;
         let now = st.ctx.clock.now_ms();
         let caught_up = records.is_empty();

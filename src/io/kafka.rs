@@ -44,6 +44,8 @@ use tokio::sync::mpsc;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Records buffered per owned partition before it is paused.
 const PARTITION_BUFFER: usize = 8192;
+/// Records taken from the consumer per routing round.
+const POLL_BATCH: usize = 512;
 /// Longest wait for a reader to reach data or EOF before reporting an error.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1045,24 +1047,30 @@ fn poll_loop(
     stop: Arc<AtomicBool>,
     topic: String,
 ) {
+    let mut polled: Vec<(u32, Item)> = Vec::with_capacity(POLL_BATCH);
     while !stop.load(Ordering::SeqCst) {
-        match consumer.poll(Duration::from_millis(20)) {
-            Some(Ok(m)) => {
-                let r = to_record(&m);
-                let mut routes = routes.lock().expect("routes lock");
-                if let Some(route) = routes.get_mut(&r.partition) {
-                    let p = r.partition;
-                    route_item(&consumer, &topic, route, p, Item::Rec(r));
+        // Take what is there (up to a batch) before touching the routes:
+        // one lock per batch, not per record.
+        let mut wait = Duration::from_millis(20);
+        while polled.len() < POLL_BATCH {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    let r = to_record(&m);
+                    polled.push((r.partition, Item::Rec(r)));
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => polled.push((p as u32, Item::Eof)),
+                Some(Err(e)) => tracing::warn!(topic = %topic, error = %e, "group consumer error"),
+                None => break,
+            }
+            wait = Duration::ZERO;
+        }
+        if !polled.is_empty() {
+            let mut routes = routes.lock().expect("routes lock");
+            for (p, item) in polled.drain(..) {
+                if let Some(route) = routes.get_mut(&p) {
+                    route_item(&consumer, &topic, route, p, item);
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                let mut routes = routes.lock().expect("routes lock");
-                if let Some(route) = routes.get_mut(&(p as u32)) {
-                    route_item(&consumer, &topic, route, p as u32, Item::Eof);
-                }
-            }
-            Some(Err(e)) => tracing::warn!(topic = %topic, error = %e, "group consumer error"),
-            None => {}
         }
         // Move overflow into channels that have room; resume drained partitions.
         let mut routes = routes.lock().expect("routes lock");
