@@ -399,6 +399,22 @@ impl TrainerStore {
     }
 }
 
+/// (campaign, creative, action, count) of one bucket in a minute's value.
+type MinuteEntry = (String, String, String, u64);
+
+fn minute_key(minute: i64) -> Vec<u8> {
+    let mut k = vec![b'w'];
+    k.extend_from_slice(&minute.to_be_bytes());
+    k
+}
+
+fn minute_of(key: &[u8]) -> Result<i64, IoError> {
+    key.get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map(i64::from_be_bytes)
+        .ok_or_else(|| IoError::Fatal("corrupt window minute key".into()))
+}
+
 /// What an aggregator's local state reflects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AggProgress {
@@ -428,40 +444,74 @@ impl AggStateStore {
         })
     }
 
-    /// The stored windows and progress, if any state exists.
+    /// The stored buckets and progress, if any state exists.
     pub fn load(&self) -> Result<Option<AggSnapshot>, IoError> {
         let Some(meta) = self.tree.get(b"m")? else {
             return Ok(None);
         };
         let progress: AggProgress = from_json(&meta, "aggregator progress")?;
-        let mut windows = Vec::new();
+        let mut buckets = Vec::new();
         for item in self.tree.scan_prefix(b"w") {
             let (k, v) = item?;
-            let key = BucketKey::decode(&k[1..])
-                .ok_or_else(|| IoError::Fatal("corrupt window bucket key".into()))?;
-            let count = u64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| IoError::Fatal("corrupt window bucket count".into()))?,
-            );
-            windows.push((key, count));
+            let minute = minute_of(&k)?;
+            let entries: Vec<MinuteEntry> = from_json(&v, "window minute")?;
+            for (campaign, creative, action, count) in entries {
+                let action = crate::domain::reaction::Action::parse(&action)
+                    .ok_or_else(|| IoError::Fatal("corrupt window minute action".into()))?;
+                buckets.push((
+                    BucketKey {
+                        campaign_id: campaign.into(),
+                        creative_id: creative.into(),
+                        action,
+                        minute,
+                    },
+                    count,
+                ));
+            }
         }
-        Ok(Some((windows, progress)))
+        Ok(Some((buckets, progress)))
     }
 
-    /// Apply window changes and the progress they bring, atomically.
+    /// Apply bucket changes and the progress they bring in one sled batch.
+    /// The buckets of a minute are one sled value (few keys, few writes:
+    /// sled's memory grows with the number of keys written), so the
+    /// minutes a change touches are read, merged and written back.
     pub fn apply(
         &self,
         changes: &[(BucketKey, Option<u64>)],
         progress: &AggProgress,
     ) -> Result<(), IoError> {
+        let mut by_minute: BTreeMap<i64, Vec<&(BucketKey, Option<u64>)>> = BTreeMap::new();
+        for c in changes {
+            by_minute.entry(c.0.minute).or_default().push(c);
+        }
         let mut batch = sled::Batch::default();
-        for (k, c) in changes {
-            let mut key = vec![b'w'];
-            key.extend_from_slice(&k.encode());
-            match c {
-                Some(c) => batch.insert(key, &c.to_be_bytes()[..]),
-                None => batch.remove(key),
+        for (minute, cs) in by_minute {
+            let key = minute_key(minute);
+            let mut entries: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+            if let Some(v) = self.tree.get(&key)? {
+                let old: Vec<MinuteEntry> = from_json(&v, "window minute")?;
+                entries.extend(old.into_iter().map(|(c, a, x, n)| ((c, a, x), n)));
+            }
+            for (k, c) in cs {
+                let id = (
+                    k.campaign_id.to_string(),
+                    k.creative_id.to_string(),
+                    k.action.as_str().to_string(),
+                );
+                match c {
+                    Some(n) => entries.insert(id, *n),
+                    None => entries.remove(&id),
+                };
+            }
+            if entries.is_empty() {
+                batch.remove(key);
+            } else {
+                let list: Vec<MinuteEntry> = entries
+                    .into_iter()
+                    .map(|((c, a, x), n)| (c, a, x, n))
+                    .collect();
+                batch.insert(key, json(&list));
             }
         }
         batch.insert(&b"m"[..], json(progress));
@@ -480,6 +530,54 @@ impl AggStateStore {
 mod tests {
     use super::*;
     use crate::domain::campaign::{Creative, EventBody};
+
+    #[test]
+    fn aggregator_state_round_trips_by_minute() {
+        use crate::domain::reaction::Action;
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let s = AggStateStore::open(&db, 3).unwrap();
+        assert!(s.load().unwrap().is_none());
+        let k = |c: &str, action, minute| BucketKey {
+            campaign_id: c.into(),
+            creative_id: "a".into(),
+            action,
+            minute,
+        };
+        let p1 = AggProgress {
+            input_offset: 10,
+            changelog_offset: 4,
+            epoch: 7,
+            ..Default::default()
+        };
+        s.apply(
+            &[
+                (k("c1", Action::Send, 0), Some(2)),
+                (k("c2", Action::Click, 0), Some(1)),
+                (k("c1", Action::Send, 60_000), Some(5)),
+            ],
+            &p1,
+        )
+        .unwrap();
+        let p2 = AggProgress {
+            input_offset: 20,
+            ..p1
+        };
+        // Update one bucket of minute 0, drop the other, drop minute 60 s.
+        s.apply(
+            &[
+                (k("c1", Action::Send, 0), Some(3)),
+                (k("c2", Action::Click, 0), None),
+                (k("c1", Action::Send, 60_000), None),
+            ],
+            &p2,
+        )
+        .unwrap();
+        let (buckets, progress) = s.load().unwrap().unwrap();
+        assert_eq!(progress, p2);
+        assert_eq!(buckets, vec![(k("c1", Action::Send, 0), 3)]);
+        s.clear().unwrap();
+        assert!(s.load().unwrap().is_none());
+    }
 
     fn ev(seq: u64, body: EventBody) -> Event {
         Event {
