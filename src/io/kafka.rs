@@ -410,15 +410,7 @@ impl EventLog for KafkaLog {
             .set("enable.auto.commit", "false")
             .create_with_context(QuietContext)
             .map_err(|e| IoError::Fatal(format!("kafka offsets client: {e}")))?;
-        let tpl = tpl_one(topic, partition);
-        let res = tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, OP_TIMEOUT))
-            .await
-            .map_err(|e| IoError::Fatal(format!("committed task: {e}")))?
-            .map_err(|e| kafka_error("committed offsets", e))?;
-        Ok(res.elements().first().and_then(|e| match e.offset() {
-            Offset::Offset(o) if o >= 0 => Some(o as u64),
-            _ => None,
-        }))
+        committed_offset(Arc::new(consumer), tpl_one(topic, partition)).await
     }
 
     async fn healthcheck(&self) -> Result<(), IoError> {
@@ -1002,6 +994,22 @@ impl KafkaGroup {
     }
 }
 
+/// The committed offset of the one partition in `tpl` for the consumer's
+/// group (next record to read), off the async workers.
+async fn committed_offset<C: ConsumerContext + 'static>(
+    consumer: Arc<BaseConsumer<C>>,
+    tpl: TopicPartitionList,
+) -> Result<Option<u64>, IoError> {
+    let res = tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, OP_TIMEOUT))
+        .await
+        .map_err(|e| IoError::Fatal(format!("committed task: {e}")))?
+        .map_err(|e| kafka_error("committed offsets", e))?;
+    Ok(res.elements().first().and_then(|e| match e.offset() {
+        Offset::Offset(o) if o >= 0 => Some(o as u64),
+        _ => None,
+    }))
+}
+
 fn tpl_one(topic: &str, p: u32) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, p as i32);
@@ -1225,16 +1233,7 @@ impl GroupMember for KafkaGroup {
     }
 
     async fn committed(&self, partition: u32) -> Result<Option<u64>, IoError> {
-        let consumer = self.consumer.clone();
-        let tpl = tpl_one(&self.topic, partition);
-        let res = tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, OP_TIMEOUT))
-            .await
-            .map_err(|e| IoError::Fatal(format!("committed task: {e}")))?
-            .map_err(|e| kafka_error("committed offsets", e))?;
-        Ok(res.elements().first().and_then(|e| match e.offset() {
-            Offset::Offset(o) if o >= 0 => Some(o as u64),
-            _ => None,
-        }))
+        committed_offset(self.consumer.clone(), tpl_one(&self.topic, partition)).await
     }
 
     async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {
