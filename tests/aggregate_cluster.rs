@@ -23,17 +23,16 @@ use std::time::{Duration, Instant};
 const EVENTS: u64 = 1_000_000;
 const PARTITIONS: u32 = 4;
 
-fn progress(brokers: &str, group: &str, topic: &str) -> u64 {
-    committed(brokers, group, topic, PARTITIONS)
-        .map(|c| c.iter().sum())
-        .unwrap_or(0)
-}
-
-/// Wait until the committed input offsets reach `at` records in total.
-fn wait_progress(brokers: &str, group: &str, topic: &str, at: u64, timeout: Duration) -> u64 {
+/// Wait (on a blocking thread) until the committed input offsets reach
+/// `at` records in total.
+fn wait_progress(log: &KafkaLog, group: &str, topic: &str, at: u64, timeout: Duration) -> u64 {
+    let rt = tokio::runtime::Handle::current();
     let deadline = Instant::now() + timeout;
     loop {
-        let n = progress(brokers, group, topic);
+        let n = rt
+            .block_on(committed(log, group, topic, PARTITIONS))
+            .map(|c| c.iter().sum())
+            .unwrap_or(0);
         if n >= at {
             return n;
         }
@@ -56,9 +55,11 @@ async fn one_million_events_two_nodes_one_killed_twice_exact_windows() {
     let cfg_b = worker_config(dir.path(), &brokers, prefix, PARTITIONS, "agg-b").unwrap();
     let cfg = Config::load(Some(&cfg_a)).unwrap();
     let topics = Topics::new(&cfg);
-    let log = KafkaLog::connect(KafkaSettings::from_config(&cfg))
-        .await
-        .unwrap();
+    let log = std::sync::Arc::new(
+        KafkaLog::connect(KafkaSettings::from_config(&cfg))
+            .await
+            .unwrap(),
+    );
     for spec in topics.specs() {
         log.ensure_topic(&spec).await.unwrap();
     }
@@ -74,25 +75,27 @@ async fn one_million_events_two_nodes_one_killed_twice_exact_windows() {
     assert!(exp.bad > 0 && exp.late > 0);
 
     let group = cfg.kafka.group_id.clone();
-    let (b, g, t) = (brokers.clone(), group.clone(), topics.reactions.clone());
+    let (l, g, t) = (log.clone(), group.clone(), topics.reactions.clone());
     let (a, b_worker) = tokio::task::spawn_blocking(move || {
         let mut a = Worker::spawn(bin, &cfg_a).unwrap();
         let b_worker = Worker::spawn(bin, &cfg_b).unwrap();
         // Kill node A twice mid-run, restarting it each time.
         for at in [EVENTS / 4, EVENTS / 2] {
-            let reached = wait_progress(&b, &g, &t, at, Duration::from_secs(240));
+            let reached = wait_progress(&l, &g, &t, at, Duration::from_secs(240));
             eprintln!("SIGKILL node A at {reached} committed records");
             a.kill();
             std::thread::sleep(Duration::from_millis(500));
             a = Worker::spawn(bin, &cfg_a).unwrap();
         }
-        wait_progress(&b, &g, &t, EVENTS, Duration::from_secs(300));
+        wait_progress(&l, &g, &t, EVENTS, Duration::from_secs(300));
         (a, b_worker)
     })
     .await
     .unwrap();
     assert_eq!(
-        committed(&brokers, &group, &topics.reactions, PARTITIONS).unwrap(),
+        committed(log.as_ref(), &group, &topics.reactions, PARTITIONS)
+            .await
+            .unwrap(),
         ends
     );
 
@@ -169,12 +172,7 @@ fn bench_aggregate_prints_its_verified_json() {
         .args(["--brokers", &broker.brokers()])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::success_stdout(&out);
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     for k in [
         "events",

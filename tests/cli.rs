@@ -1,6 +1,8 @@
 //! The command line: `check-config` prints the effective config or every
 //! error at once; `run` refuses bad config with a one-line error.
 
+mod common;
+
 use std::process::Command;
 
 fn smartmsg() -> Command {
@@ -98,12 +100,7 @@ fn demo_runs_a_campaign_and_prints_the_report() {
         ])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::success_stdout(&out);
     assert!(
         text.contains("== report: demo-campaign (900 messages"),
         "{text}"
@@ -127,12 +124,7 @@ fn bench_delay_queue_prints_its_json_line() {
         ])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::success_stdout(&out);
     let last = text.lines().last().unwrap();
     let v: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(v["jobs"], 300);

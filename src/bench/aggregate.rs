@@ -168,32 +168,19 @@ fn raw_consume(brokers: &str, topic: &str, ends: &[u64]) -> anyhow::Result<f64> 
     Ok(total as f64 / secs)
 }
 
-/// The committed offsets of `group` on `topic`.
-pub fn committed(
-    brokers: &str,
+/// The committed offsets of `group` on `topic`, partition by partition
+/// (0 where none).
+pub async fn committed(
+    log: &dyn EventLog,
     group: &str,
     topic: &str,
     partitions: u32,
 ) -> anyhow::Result<Vec<u64>> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("log_level", "3")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
+    let mut out = Vec::with_capacity(partitions as usize);
     for p in 0..partitions {
-        tpl.add_partition(topic, p as i32);
+        out.push(log.group_offset(group, topic, p).await?.unwrap_or(0));
     }
-    let res = c.committed_offsets(tpl, Duration::from_secs(5))?;
-    Ok(res
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) if o >= 0 => o as u64,
-            _ => 0,
-        })
-        .collect())
+    Ok(out)
 }
 
 /// (partition, offset, value) of a record read back.
@@ -533,8 +520,7 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
     let group = cfg.kafka.group_id.clone();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let (b, g, t) = (a.brokers.clone(), group.clone(), topics.reactions.clone());
-        let c = tokio::task::spawn_blocking(move || committed(&b, &g, &t, parts)).await??;
+        let c = committed(&log, &group, &topics.reactions, parts).await?;
         if c == ends {
             break;
         }

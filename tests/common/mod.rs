@@ -104,3 +104,15 @@ pub async fn all_completed(c: &reqwest::Client, base: &str, n: usize, timeout: D
     })
     .await;
 }
+
+/// The stdout of a finished command; fails the test, showing both outputs,
+/// when the command did not succeed.
+pub fn success_stdout(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
