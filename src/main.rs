@@ -75,10 +75,15 @@ fn main() -> anyhow::Result<()> {
     // glibc gives every thread that allocates its own arena and keeps what
     // it frees there: with the runtime's, rdkafka's and sled's threads that
     // cost ~40 MB of RSS in the aggregation benchmark. Two arenas serve
-    // this workload as fast (BENCHMARKS.md). Set before any thread starts.
+    // this workload as fast (BENCHMARKS.md). A fixed mmap threshold keeps
+    // large buffers (librdkafka's fetch responses) out of the arenas, so
+    // they go back to the system when freed; glibc's default raises the
+    // threshold to the largest buffer freed and then keeps them.
+    // Set before any thread starts.
     #[cfg(target_env = "gnu")]
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
     let cli = Cli::parse();
     match cli.cmd {

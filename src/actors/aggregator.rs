@@ -15,7 +15,7 @@ use crate::domain::reaction::parse_reaction_view;
 use crate::domain::window::{BucketKey, FinalWindow, StateChange, WindowConfig, WindowEngine};
 use crate::io::store::{AggProgress, AggStateStore};
 use crate::io::{
-    payload_text, GroupMember, OffsetCommit, OutRecord, PartitionReader, Record, Txn, TxnWriter,
+    payload_text, GroupMember, OffsetCommit, OutRecord, PartitionReader, RecordRef, Txn, TxnWriter,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rustc_hash::FxHashMap;
@@ -265,7 +265,7 @@ async fn restore(
     })
 }
 
-fn dlq_record(ctx: &SharedCtx, partition: u32, r: &Record, reason: &str) -> OutRecord {
+fn dlq_record(ctx: &SharedCtx, partition: u32, r: &RecordRef<'_>, reason: &str) -> OutRecord {
     let class = reason.split(':').next().unwrap_or("invalid").to_string();
     metrics::counter!("smartmsg_dlq_records_total", "reason" => class).increment(1);
     tracing::debug!(partition, offset = r.offset, %reason, "reaction dead-lettered");
@@ -274,31 +274,56 @@ fn dlq_record(ctx: &SharedCtx, partition: u32, r: &Record, reason: &str) -> OutR
         "topic": ctx.topics.reactions,
         "partition": partition,
         "offset": r.offset,
-        "payload": payload_text(r.value.as_deref()),
+        "payload": payload_text(r.value),
     });
     OutRecord {
         topic: ctx.topics.reactions_dlq.clone(),
         partition: None,
-        key: r.key.clone(),
+        key: r.key.map(<[u8]>::to_vec),
         value: Some(serde_json::to_vec(&value).expect("serialisable")),
     }
 }
 
-impl AggregatorState {
-    fn process(&mut self, records: &[Record]) {
-        for r in records {
-            let res = parse_reaction_view(r.value.as_deref()).and_then(|ev| {
-                self.engine
-                    .ingest_parts(&ev.campaign_id, &ev.creative_id, ev.action, ev.ts)
-            });
-            match res {
-                Ok(()) => self.counted += 1,
-                Err(reason) => {
-                    let rec = dlq_record(&self.ctx, self.partition, r, &reason);
-                    self.dlq.push(rec);
-                }
+/// Count one input record, or dead-letter it.
+struct Ingest<'a> {
+    ctx: &'a SharedCtx,
+    partition: u32,
+    engine: &'a mut WindowEngine,
+    dlq: &'a mut Vec<OutRecord>,
+    counted: &'a mut u64,
+}
+
+impl Ingest<'_> {
+    fn record(&mut self, r: RecordRef<'_>) {
+        let res = parse_reaction_view(r.value).and_then(|ev| {
+            self.engine
+                .ingest_parts(&ev.campaign_id, &ev.creative_id, ev.action, ev.ts)
+        });
+        match res {
+            Ok(()) => *self.counted += 1,
+            Err(reason) => {
+                let rec = dlq_record(self.ctx, self.partition, &r, &reason);
+                self.dlq.push(rec);
             }
         }
+    }
+}
+
+impl AggregatorState {
+    /// Read and count the next records (up to `max`, waiting up to `wait`
+    /// for the first), straight from the reader's buffer.
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<usize, ActorProcessingErr> {
+        let mut ingest = Ingest {
+            ctx: &self.ctx,
+            partition: self.partition,
+            engine: &mut self.engine,
+            dlq: &mut self.dlq,
+            counted: &mut self.counted,
+        };
+        Ok(self
+            .reader
+            .visit_batch(max, wait, &mut |r| ingest.record(r))
+            .await?)
     }
 
     /// Whether processed input or state changes await a transaction.
@@ -342,11 +367,16 @@ impl AggregatorState {
             key: Some(META_KEY.to_vec()),
             value: Some(marker.encode()),
         });
-        for f in &finals {
+        let n_finals = finals.len() as u64;
+        emitted_log(p, &finals);
+        for f in finals {
+            // Sized for the record (serde_json would grow it to 256 bytes).
+            let mut value = Vec::with_capacity(160 + f.campaign_id.len() + f.creative_id.len());
+            serde_json::to_writer(&mut value, &f).expect("serialisable");
             records.push(OutRecord::keyed(
                 &ctx.topics.aggregates,
-                f.campaign_id.clone(),
-                Some(serde_json::to_vec(f).expect("serialisable")),
+                f.campaign_id,
+                Some(value),
             ));
         }
         records.append(&mut self.dlq);
@@ -370,10 +400,9 @@ impl AggregatorState {
                 epoch: self.epoch,
             },
             changes,
-            finals: finals.len() as u64,
+            finals: n_finals,
             counted: self.counted,
         });
-        emitted_log(p, &finals);
         self.next_from = next;
         self.counted = 0;
         self.uncommitted = 0;
@@ -512,20 +541,18 @@ impl Actor for WindowAggregatorActor {
         let cfg = st.ctx.cfg.aggregator.clone();
         let max = cfg.max_batch_records as usize;
         let wait = Duration::from_millis(cfg.idle_close_ms.min(100));
-        let records = st
-            .reader
-            .next_batch(
+        let fetched = st
+            .fetch(
                 max.saturating_sub(st.uncommitted).clamp(1, FETCH_CHUNK),
                 wait,
             )
             .await?;
         let now = st.ctx.clock.now_ms();
-        let caught_up = records.is_empty();
+        let caught_up = fetched == 0;
         if !caught_up {
             st.last_fetch_ms = now;
-            st.uncommitted += records.len();
+            st.uncommitted += fetched;
             st.first_uncommitted.get_or_insert_with(Instant::now);
-            st.process(&records);
         } else if st.reader.at_end() && now - st.last_fetch_ms >= cfg.idle_close_ms as i64 {
             st.engine.idle_close(now);
         }

@@ -9,7 +9,7 @@
 use super::synth::{generate, Expected, SynthSpec};
 use crate::config::Config;
 use crate::domain::window::FinalWindow;
-use crate::io::kafka::{consumer_tuning, KafkaLog, KafkaSettings};
+use crate::io::kafka::{KafkaLog, KafkaSettings};
 use crate::io::topics::Topics;
 use crate::io::EventLog;
 use anyhow::{anyhow, bail, Context};
@@ -131,16 +131,21 @@ pub fn produce(
     Ok((ends, exp, secs))
 }
 
-/// A plain consumer of `topic` from the beginning, with the tuning the
-/// aggregators use: records per second until every partition is at its end.
+/// A plain consumer of `topic` from the beginning: records per second
+/// until every partition is at its end. It is the ceiling, so it gets the
+/// tuning that makes a plain consumer fastest on this broker
+/// (`BROKERS.md`): short fetch waits and a deep prefetch queue, whatever
+/// the memory (the aggregators keep theirs small).
 fn raw_consume(brokers: &str, topic: &str, ends: &[u64]) -> anyhow::Result<f64> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", format!("raw-{}", uuid::Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.queue.backoff.ms", "5")
+        .set("queued.min.messages", "1000000")
         .set("log_level", "3");
-    consumer_tuning(&mut cfg);
     let c: BaseConsumer = cfg.create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..ends.len() {
@@ -339,9 +344,22 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Start `bin run --config config`.
+    /// Start `bin run --config config`. With `SMARTMSG_BENCH_WRAPPER` set
+    /// (say `heaptrack` or `perf record -g -o agg.data`), the process runs
+    /// under that command, for profiling (CPU and RSS readings are then
+    /// the wrapper's).
     pub fn spawn(bin: &Path, config: &Path) -> anyhow::Result<Worker> {
-        let mut child = Command::new(bin)
+        let wrapper = std::env::var("SMARTMSG_BENCH_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.args(words).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .arg("run")
             .arg("--config")
             .arg(config)

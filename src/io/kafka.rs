@@ -8,9 +8,10 @@
 //!   "caught up" is decided by partition EOF, never by the high watermark;
 //! * a group membership ([`KafkaGroup`]) runs its consumer on a dedicated
 //!   thread that turns rebalance callbacks into [`PartitionEvent`]s (a revoke
-//!   waits, bounded, for the partitions to be drained) and routes records to
-//!   one bounded channel per owned partition, pausing a partition whose
-//!   reader falls behind;
+//!   waits, bounded, for the partitions to be drained); each owned
+//!   partition's records come through its own librdkafka queue, split off
+//!   before fetching starts and read in batches without copying
+//!   (`kafka_queue`), bounded by librdkafka (backpressure);
 //! * each membership has one transactional producer (EOS v2: the group's
 //!   metadata and offsets go into the transaction), driven by a dedicated
 //!   thread that group-commits the transactions of all its partitions.
@@ -18,8 +19,9 @@
 //! Blocking librdkafka calls never run on the async workers.
 
 use crate::config::Config;
+use crate::io::kafka_queue::{Polled, SplitQueue};
 use crate::io::{
-    EventLog, GroupMember, IoError, OutRecord, PartitionEvent, PartitionReader, Record,
+    EventLog, GroupMember, IoError, OutRecord, PartitionEvent, PartitionReader, Record, RecordRef,
     TopicReader, TopicSpec, Txn, TxnWriter, Written,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -34,7 +36,7 @@ use rdkafka::producer::{
     ThreadedProducer,
 };
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,10 +44,6 @@ use tokio::sync::mpsc;
 
 /// How long a revoke waits for its partitions to be drained.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Records buffered per owned partition before it is paused.
-const PARTITION_BUFFER: usize = 8192;
-/// Records taken from the consumer per routing round.
-const POLL_BATCH: usize = 512;
 /// Longest wait for a reader to reach data or EOF before reporting an error.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -148,14 +146,20 @@ impl KafkaSettings {
 
 /// Fetch tuning of every consumer that reads a partition to its end: the
 /// broker answers a fetch after at most 5 ms instead of 500, and the local
-/// prefetch queue is bounded in bytes per partition (memory), not in records.
+/// prefetch is small. With split partition queues librdkafka bounds each
+/// partition's queue (about 5,000 records or 2 MB, plus one fetch response
+/// of at most ~1 MB or one record batch): a reader that falls behind stops
+/// its partition's fetching, so memory stays bounded (backpressure).
+/// Measured (`bench aggregate`, BENCHMARKS.md): deeper queues buy little
+/// speed and cost tens of MB (every queued record holds a ~200-byte
+/// librdkafka op besides its bytes).
 pub fn consumer_tuning(c: &mut ClientConfig) {
     c.set("fetch.wait.max.ms", "5")
         .set("fetch.queue.backoff.ms", "5")
-        .set("queued.min.messages", "100000")
-        .set("queued.max.messages.kbytes", "4096")
+        .set("queued.min.messages", "5000")
+        .set("queued.max.messages.kbytes", "2048")
         .set("max.partition.fetch.bytes", "1048576")
-        .set("fetch.max.bytes", "8388608");
+        .set("fetch.max.bytes", "1048576");
 }
 
 struct Inner {
@@ -571,6 +575,9 @@ struct TxnRequest {
 struct DeliveryContext {
     results: Mutex<Vec<Option<Result<Written, String>>>>,
     reported: std::sync::atomic::AtomicUsize,
+    /// Reports the transaction in progress waits for (the waiter is woken
+    /// once, when they are all in, not per report).
+    expected: std::sync::atomic::AtomicUsize,
     all_reported: std::sync::Condvar,
 }
 
@@ -591,14 +598,18 @@ impl ProducerContext for DeliveryContext {
             Err((e, _)) => Err(e.to_string()),
         };
         let mut results = self.results.lock().expect("delivery lock");
+        let mut complete = false;
         if let Some(slot) = results.get_mut(idx) {
             if slot.is_none() {
-                self.reported.fetch_add(1, Ordering::SeqCst);
+                let reported = self.reported.fetch_add(1, Ordering::SeqCst) + 1;
+                complete = reported >= self.expected.load(Ordering::SeqCst);
             }
             *slot = Some(r);
         }
         drop(results);
-        self.all_reported.notify_all();
+        if complete {
+            self.all_reported.notify_all();
+        }
     }
 }
 
@@ -649,6 +660,7 @@ impl TxnCoordinator {
             .create_with_context(DeliveryContext {
                 results: Mutex::new(Vec::new()),
                 reported: Default::default(),
+                expected: usize::MAX.into(),
                 all_reported: Default::default(),
             })
             .map_err(|e| IoError::Fatal(format!("transactional producer: {e}")))?;
@@ -700,7 +712,7 @@ fn txn_loop(
             }
         }
         let started = Instant::now();
-        let res = run_txn(&producer, &reqs, group.as_ref());
+        let res = run_txn(&producer, &mut reqs, group.as_ref());
         metrics::histogram!("smartmsg_kafka_transaction_seconds")
             .record(started.elapsed().as_secs_f64());
         match res {
@@ -726,19 +738,25 @@ fn txn_loop(
 
 fn run_txn(
     producer: &ThreadedProducer<DeliveryContext>,
-    reqs: &[TxnRequest],
+    reqs: &mut [TxnRequest],
     group: Option<&GroupMetadataFn>,
 ) -> Result<Vec<Vec<Written>>, IoError> {
     let total: usize = reqs.iter().map(|r| r.txn.records.len()).sum();
     *producer.context().results.lock().expect("delivery lock") = vec![None; total];
     producer.context().reported.store(0, Ordering::SeqCst);
+    producer.context().expected.store(total, Ordering::SeqCst);
     producer
         .begin_transaction()
         .map_err(|e| kafka_error("begin transaction", e))?;
     let mut idx = 0;
     let mut offsets: BTreeMap<(String, u32), u64> = BTreeMap::new();
-    for req in reqs {
-        for r in &req.txn.records {
+    // Records per request; each record is released once librdkafka has its
+    // copy (a transaction can be large: nothing holds it twice).
+    let mut counts = Vec::with_capacity(reqs.len());
+    for req in reqs.iter_mut() {
+        let records = std::mem::take(&mut req.txn.records);
+        counts.push(records.len());
+        for r in records {
             let mut rec: BaseRecord<'_, [u8], [u8], usize> =
                 BaseRecord::with_opaque_to(&r.topic, idx);
             if let Some(k) = &r.key {
@@ -788,6 +806,12 @@ fn run_txn(
             "transaction records not acknowledged in time".into(),
         ));
     }
+    // The reports are in; wait (briefly) for the client to release them too:
+    // with anything in flight, rdkafka's commit first polls in 100 ms steps.
+    let deadline = Instant::now() + OP_TIMEOUT;
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
     producer
         .commit_transaction(OP_TIMEOUT)
         .map_err(|e| kafka_error("commit transaction", e))?;
@@ -806,10 +830,10 @@ fn run_txn(
             }
         }
     }
-    let mut out = Vec::with_capacity(reqs.len());
+    let mut out = Vec::with_capacity(counts.len());
     let mut it = flat.into_iter();
-    for req in reqs {
-        out.push(it.by_ref().take(req.txn.records.len()).collect());
+    for n in counts {
+        out.push(it.by_ref().take(n).collect());
     }
     Ok(out)
 }
@@ -829,23 +853,30 @@ impl TxnWriter for TxnCoordinator {
 // ---------------------------------------------------------------------------
 // Consumer groups
 
-enum Item {
-    Rec(Record),
-    Eof,
-}
+type Queue = Arc<SplitQueue<GroupContext>>;
 
+/// An owned partition: its split queue, and whether it is still ours.
 struct Route {
-    tx: Option<mpsc::Sender<Item>>,
-    overflow: VecDeque<Item>,
-    paused: bool,
+    queue: Queue,
+    owned: Arc<AtomicBool>,
 }
 
-type Routes = Arc<Mutex<HashMap<u32, Route>>>;
+#[derive(Default)]
+struct Routes {
+    owned: HashMap<u32, Route>,
+    /// Split queues, kept for the membership's life: a queue once split
+    /// stays split through later assignments, so it is reused.
+    queues: HashMap<u32, Queue>,
+}
+
+type SharedRoutes = Arc<Mutex<Routes>>;
 
 struct GroupContext {
     topic: String,
     events: mpsc::UnboundedSender<PartitionEvent>,
-    routes: Routes,
+    routes: SharedRoutes,
+    /// The consumer itself (set once it exists), to split queues off it.
+    consumer: std::sync::OnceLock<std::sync::Weak<BaseConsumer<GroupContext>>>,
     /// Set when leaving: the partitions were drained already, so a revoke
     /// need not wait for anyone.
     stopping: Arc<AtomicBool>,
@@ -865,61 +896,96 @@ fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<u32> {
         .collect()
 }
 
+impl GroupContext {
+    /// Split the queues of newly assigned partitions, before librdkafka
+    /// starts fetching them, and mark them owned.
+    fn take_ownership(&self, parts: &[u32]) {
+        let Some(consumer) = self.consumer.get().and_then(|w| w.upgrade()) else {
+            return;
+        };
+        let mut routes = self.routes.lock().expect("routes lock");
+        for &p in parts {
+            let queue = match routes.queues.get(&p) {
+                Some(q) => q.clone(),
+                None => match SplitQueue::split(consumer.clone(), &self.topic, p) {
+                    Some(q) => {
+                        let q = Arc::new(q);
+                        routes.queues.insert(p, q.clone());
+                        q
+                    }
+                    None => {
+                        tracing::error!(topic = %self.topic, partition = p, "cannot split the partition's queue");
+                        continue;
+                    }
+                },
+            };
+            if let Some(old) = routes.owned.insert(
+                p,
+                Route {
+                    queue,
+                    owned: Arc::new(AtomicBool::new(true)),
+                },
+            ) {
+                old.owned.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn give_up(&self, parts: &[u32]) {
+        let mut routes = self.routes.lock().expect("routes lock");
+        for p in parts {
+            if let Some(r) = routes.owned.remove(p) {
+                r.owned.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let parts = partitions_of(tpl, &self.topic);
-            if parts.is_empty() {
-                return;
-            }
-            if self.stopping.load(Ordering::SeqCst) {
-                // Leaving: our partition actors were drained before.
-            } else if consumer.assignment_lost() {
-                let _ = self.events.send(PartitionEvent::Lost(parts.clone()));
-            } else {
-                let (done, wait) = tokio::sync::oneshot::channel();
-                let _ = self.events.send(PartitionEvent::Revoked {
-                    partitions: parts.clone(),
-                    done,
-                });
-                // Bounded drain: the rebalance goes on after DRAIN_TIMEOUT.
-                let deadline = Instant::now() + DRAIN_TIMEOUT;
-                let mut wait = wait;
-                loop {
-                    match wait.try_recv() {
-                        Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-                            if Instant::now() < deadline =>
-                        {
-                            std::thread::sleep(Duration::from_millis(5));
+        match rebalance {
+            Rebalance::Assign(tpl) => self.take_ownership(&partitions_of(tpl, &self.topic)),
+            Rebalance::Revoke(tpl) => {
+                let parts = partitions_of(tpl, &self.topic);
+                if parts.is_empty() {
+                    return;
+                }
+                if self.stopping.load(Ordering::SeqCst) {
+                    // Leaving: our partition actors were drained before.
+                } else if consumer.assignment_lost() {
+                    let _ = self.events.send(PartitionEvent::Lost(parts.clone()));
+                } else {
+                    let (done, wait) = tokio::sync::oneshot::channel();
+                    let _ = self.events.send(PartitionEvent::Revoked {
+                        partitions: parts.clone(),
+                        done,
+                    });
+                    // Bounded drain: the rebalance goes on after DRAIN_TIMEOUT.
+                    let deadline = Instant::now() + DRAIN_TIMEOUT;
+                    let mut wait = wait;
+                    loop {
+                        match wait.try_recv() {
+                            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                                if Instant::now() < deadline =>
+                            {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            _ => break,
                         }
-                        _ => break,
                     }
                 }
+                self.give_up(&parts);
             }
-            let mut routes = self.routes.lock().expect("routes lock");
-            for p in parts {
-                routes.remove(&p);
-            }
+            Rebalance::Error(_) => {}
         }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts = partitions_of(tpl, &self.topic);
-            if parts.is_empty() {
-                return;
+            if !parts.is_empty() {
+                let _ = self.events.send(PartitionEvent::Assigned(parts));
             }
-            {
-                let mut routes = self.routes.lock().expect("routes lock");
-                for p in &parts {
-                    routes.entry(*p).or_insert(Route {
-                        tx: None,
-                        overflow: VecDeque::new(),
-                        paused: false,
-                    });
-                }
-            }
-            let _ = self.events.send(PartitionEvent::Assigned(parts));
         }
     }
 }
@@ -928,7 +994,7 @@ impl ConsumerContext for GroupContext {
 pub struct KafkaGroup {
     topic: String,
     consumer: Arc<BaseConsumer<GroupContext>>,
-    routes: Routes,
+    routes: SharedRoutes,
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<PartitionEvent>>,
     writer: Arc<TxnCoordinator>,
     stop: Arc<AtomicBool>,
@@ -943,7 +1009,7 @@ impl KafkaGroup {
         transactional_id: &str,
     ) -> Result<Self, IoError> {
         let (etx, erx) = mpsc::unbounded_channel();
-        let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
+        let routes: SharedRoutes = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let mut cc = s.client();
         cc.set("group.id", group)
@@ -959,13 +1025,15 @@ impl KafkaGroup {
                 topic: topic.to_string(),
                 events: etx,
                 routes: routes.clone(),
+                consumer: std::sync::OnceLock::new(),
                 stopping: stop.clone(),
             })
             .map_err(|e| IoError::Fatal(format!("kafka group consumer: {e}")))?;
+        let consumer = Arc::new(consumer);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer
             .subscribe(&[topic])
             .map_err(|e| kafka_error("subscribe", e))?;
-        let consumer = Arc::new(consumer);
         let meta_source = consumer.clone();
         let writer = TxnCoordinator::start(
             s,
@@ -974,12 +1042,11 @@ impl KafkaGroup {
         )?;
         let poller = {
             let consumer = consumer.clone();
-            let routes = routes.clone();
             let stop = stop.clone();
             let topic = topic.to_string();
             std::thread::Builder::new()
                 .name(format!("group-{topic}"))
-                .spawn(move || poll_loop(consumer, routes, stop, topic))
+                .spawn(move || poll_loop(consumer, stop, topic))
                 .map_err(|e| IoError::Fatal(format!("group thread: {e}")))?
         };
         Ok(KafkaGroup {
@@ -1016,93 +1083,17 @@ fn tpl_one(topic: &str, p: u32) -> TopicPartitionList {
     tpl
 }
 
-/// Push an item to a partition's route: to its channel, or to the overflow
-/// (pausing the partition) when the reader is behind or not there yet.
-fn route_item(
-    consumer: &BaseConsumer<GroupContext>,
-    topic: &str,
-    route: &mut Route,
-    p: u32,
-    item: Item,
-) {
-    if route.overflow.is_empty() {
-        if let Some(tx) = &route.tx {
-            match tx.try_send(item) {
-                Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(item)) => route.overflow.push_back(item),
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    route.tx = None;
-                    return;
-                }
-            }
-        } else {
-            route.overflow.push_back(item);
-        }
-    } else {
-        route.overflow.push_back(item);
-    }
-    if !route.paused
-        && route.overflow.len() >= PARTITION_BUFFER
-        && consumer.pause(&tpl_one(topic, p)).is_ok()
-    {
-        route.paused = true;
-    }
-}
-
-fn poll_loop(
-    consumer: Arc<BaseConsumer<GroupContext>>,
-    routes: Routes,
-    stop: Arc<AtomicBool>,
-    topic: String,
-) {
-    let mut polled: Vec<(u32, Item)> = Vec::with_capacity(POLL_BATCH);
+/// Serve the group: rebalances and consumer errors. Records come through
+/// the partitions' split queues; one fetched before its partition was
+/// split would arrive here, and is dropped (its reader sees the gap and
+/// seeks back to it).
+fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, topic: String) {
     while !stop.load(Ordering::SeqCst) {
-        // Take what is there (up to a batch) before touching the routes:
-        // one lock per batch, not per record.
-        let mut wait = Duration::from_millis(20);
-        while polled.len() < POLL_BATCH {
-            match consumer.poll(wait) {
-                Some(Ok(m)) => {
-                    let r = to_record(&m);
-                    polled.push((r.partition, Item::Rec(r)));
-                }
-                Some(Err(KafkaError::PartitionEOF(p))) => polled.push((p as u32, Item::Eof)),
-                Some(Err(e)) => tracing::warn!(topic = %topic, error = %e, "group consumer error"),
-                None => break,
-            }
-            wait = Duration::ZERO;
-        }
-        if !polled.is_empty() {
-            let mut routes = routes.lock().expect("routes lock");
-            for (p, item) in polled.drain(..) {
-                if let Some(route) = routes.get_mut(&p) {
-                    route_item(&consumer, &topic, route, p, item);
-                }
-            }
-        }
-        // Move overflow into channels that have room; resume drained partitions.
-        let mut routes = routes.lock().expect("routes lock");
-        for (p, route) in routes.iter_mut() {
-            let Some(tx) = route.tx.clone() else { continue };
-            while let Some(item) = route.overflow.pop_front() {
-                match tx.try_send(item) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(item)) => {
-                        route.overflow.push_front(item);
-                        break;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        route.tx = None;
-                        break;
-                    }
-                }
-            }
-            if route.paused
-                && route.overflow.len() < PARTITION_BUFFER / 2
-                && consumer.resume(&tpl_one(&topic, *p)).is_ok()
-            {
-                route.paused = false;
-            }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => tracing::debug!(topic = %topic, partition = m.partition(),
+                offset = m.offset(), "record outside a split queue dropped"),
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => tracing::warn!(topic = %topic, error = %e, "group consumer error"),
         }
     }
     // Leave the group: revoke (the partitions were drained already) and close.
@@ -1118,97 +1109,139 @@ fn poll_loop(
             break;
         }
     }
+    // The split queues hold the consumer: release them so it can close.
+    let routes = consumer.context().routes.clone();
+    let mut routes = routes.lock().expect("routes lock");
+    for r in routes.owned.values() {
+        r.owned.store(false, Ordering::SeqCst);
+    }
+    routes.owned.clear();
+    routes.queues.clear();
 }
 
-/// A reader of an owned partition, fed by the group's poll thread. "No
-/// record within `wait`" is what caught up means here (the contract's idle
-/// rule), so it needs no end-of-partition marker.
+/// A reader of an owned partition: reads its split queue. "No record
+/// within `wait`" is what caught up means here (the contract's idle rule);
+/// `at_end` tells whether librdkafka reported the end of the partition.
 struct GroupReader {
     consumer: Arc<BaseConsumer<GroupContext>>,
     topic: String,
     partition: u32,
-    rx: mpsc::Receiver<Item>,
+    queue: Queue,
+    owned: Arc<AtomicBool>,
     position: u64,
-    /// A seek to `position` is under way: records before the one at
-    /// `position` are stale and dropped.
+    /// Records before the one at `position` are stale (a seek to it was
+    /// asked for) and dropped.
     seeking: bool,
+    /// A seek has not taken effect yet: an end-of-partition seen now may be
+    /// from before it.
+    seek_pending: Arc<AtomicBool>,
     /// The consumer reported the end of the partition after our last record.
     at_end: bool,
+    /// Records fetched and not yet read (`smartmsg_partition_queue_records`).
+    queued: metrics::Gauge,
 }
 
 impl GroupReader {
     /// Seek the consumer to our position, off the async workers.
     fn start_seek(&mut self) {
         self.seeking = true;
+        self.seek_pending.store(true, Ordering::SeqCst);
         let consumer = self.consumer.clone();
+        let pending = self.seek_pending.clone();
         let topic = self.topic.clone();
         let (p, o) = (self.partition as i32, self.position as i64);
         std::thread::spawn(move || {
             for attempt in 0..50 {
                 match consumer.seek(&topic, p, Offset::Offset(o), Duration::from_secs(5)) {
-                    Ok(()) => return,
+                    Ok(()) => break,
                     Err(e) if attempt == 49 => {
                         tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "seek failed")
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
             }
+            pending.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Lend the queued records at our position to `f`: (records, whether a
+    /// seek is needed).
+    fn take(
+        &mut self,
+        max: usize,
+        f: &mut (dyn for<'r> FnMut(RecordRef<'r>) + Send),
+    ) -> (usize, bool) {
+        let (mut n, mut gap) = (0, false);
+        let (position, seeking, at_end) = (&mut self.position, &mut self.seeking, &mut self.at_end);
+        let (topic, pending) = (&self.topic, &self.seek_pending);
+        self.queue.drain(max, |item| match item {
+            Polled::Eof => *at_end = !pending.load(Ordering::SeqCst),
+            Polled::Error(e) => {
+                tracing::warn!(topic = %topic, error = %e, "partition consumer error")
+            }
+            Polled::Record(r) => {
+                *at_end = false;
+                if r.offset != *position {
+                    if !*seeking && r.offset > *position {
+                        // The fetcher is ahead of us (a restarted reader
+                        // whose predecessor read past the committed offset,
+                        // or records that went to the group queue): go back.
+                        gap = true;
+                        *seeking = true;
+                    }
+                    return; // stale: before a seek, or after the gap
+                }
+                *seeking = false;
+                *position = r.offset + 1;
+                n += 1;
+                f(r);
+            }
+        });
+        (n, gap)
     }
 }
 
 #[async_trait::async_trait]
 impl PartitionReader for GroupReader {
     async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError> {
-        let deadline = tokio::time::Instant::now() + wait;
         let mut out = Vec::new();
+        self.visit_batch(max, wait, &mut |r| out.push(r.to_record()))
+            .await?;
+        Ok(out)
+    }
+
+    async fn visit_batch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+        f: &mut (dyn for<'r> FnMut(RecordRef<'r>) + Send),
+    ) -> Result<usize, IoError> {
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let item = if out.is_empty() {
-                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                    Err(_) => return Ok(out),
-                    Ok(i) => i,
-                }
-            } else {
-                match self.rx.try_recv() {
-                    Ok(i) => Some(i),
-                    Err(mpsc::error::TryRecvError::Empty) => return Ok(out),
-                    Err(mpsc::error::TryRecvError::Disconnected) => None,
-                }
-            };
-            let Some(item) = item else {
-                if !out.is_empty() {
-                    return Ok(out);
-                }
+            if !self.owned.load(Ordering::SeqCst) {
                 return Err(IoError::Retryable(format!(
                     "{}/{}: partition no longer owned",
                     self.topic, self.partition
                 )));
-            };
-            let r = match item {
-                Item::Rec(r) => r,
-                Item::Eof => {
-                    self.at_end = !self.seeking;
-                    continue;
-                }
-            };
-            self.at_end = false;
-            if r.offset != self.position {
-                if self.seeking || r.offset < self.position {
-                    continue;
-                }
-                // The consumer is ahead of us (a restarted reader whose
-                // predecessor read past the committed offset): go back.
-                self.start_seek();
-                continue;
             }
-            self.seeking = false;
-            self.position = r.offset + 1;
-            out.push(r);
-            if out.len() >= max {
-                return Ok(out);
+            let (n, gap) = self.take(max, f);
+            self.queued.set(self.queue.len() as f64);
+            if gap {
+                self.start_seek();
+            }
+            if n > 0 {
+                return Ok(n);
+            }
+            // Nothing queued: wait for the queue to fill, up to the deadline.
+            if tokio::time::timeout_at(deadline, self.queue.wait())
+                .await
+                .is_err()
+            {
+                return Ok(0);
             }
         }
     }
+
     fn position(&self) -> u64 {
         self.position
     }
@@ -1237,25 +1270,40 @@ impl GroupMember for KafkaGroup {
     }
 
     async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {
-        let (tx, rx) = mpsc::channel(PARTITION_BUFFER);
-        {
-            let mut routes = self.routes.lock().expect("routes lock");
-            let route = routes.entry(partition).or_insert(Route {
-                tx: None,
-                overflow: VecDeque::new(),
-                paused: false,
-            });
-            route.tx = Some(tx);
-        }
-        Ok(Box::new(GroupReader {
+        let (queue, owned) = {
+            let routes = self.routes.lock().expect("routes lock");
+            let route = routes.owned.get(&partition).ok_or_else(|| {
+                IoError::Retryable(format!("{}/{partition}: partition not owned", self.topic))
+            })?;
+            (route.queue.clone(), route.owned.clone())
+        };
+        // Where the previous reader of this partition (if any) stopped.
+        let app = self.consumer.position().ok().and_then(|tpl| {
+            match tpl.find_partition(&self.topic, partition as i32)?.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o as u64),
+                _ => None,
+            }
+        });
+        let mut reader = GroupReader {
             consumer: self.consumer.clone(),
             topic: self.topic.clone(),
             partition,
-            rx,
+            queue,
+            owned,
             position: from,
             seeking: false,
+            seek_pending: Arc::default(),
             at_end: false,
-        }))
+            queued: metrics::gauge!("smartmsg_partition_queue_records",
+                "topic" => self.topic.clone(), "partition" => partition.to_string()),
+        };
+        // A fresh assignment fetches from the committed offset (a gap, if
+        // `from` is behind it, makes the reader seek back); a restarted
+        // reader starts where asked, whatever its predecessor consumed.
+        if app.is_some_and(|o| o != from) {
+            reader.seek(from);
+        }
+        Ok(Box::new(reader))
     }
 
     fn writer(&self) -> Arc<dyn TxnWriter> {

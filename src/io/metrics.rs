@@ -77,6 +77,10 @@ fn describe() {
         Unit::Seconds,
         "Aggregator state restore time."
     );
+    describe_gauge!(
+        "smartmsg_partition_queue_records",
+        "Records fetched from a partition and not yet read by its actor (Kafka)."
+    );
     describe_counter!(
         "smartmsg_http_requests_total",
         "HTTP requests by route and status class."

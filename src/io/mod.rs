@@ -9,6 +9,7 @@ pub mod embedded_delay;
 pub mod embedded_log;
 pub mod http;
 pub mod kafka;
+mod kafka_queue;
 pub mod metrics;
 pub mod store;
 pub mod topics;
@@ -90,6 +91,42 @@ pub struct Record {
     pub timestamp: i64,
 }
 
+impl Record {
+    /// This record, borrowed.
+    pub fn as_ref(&self) -> RecordRef<'_> {
+        RecordRef {
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.as_deref(),
+            value: self.value.as_deref(),
+            timestamp: self.timestamp,
+        }
+    }
+}
+
+/// A record lent by a reader (see [`PartitionReader::visit_batch`]): its
+/// bytes stay in the client's fetch buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub timestamp: i64,
+}
+
+impl RecordRef<'_> {
+    pub fn to_record(&self) -> Record {
+        Record {
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.map(<[u8]>::to_vec),
+            value: self.value.map(<[u8]>::to_vec),
+            timestamp: self.timestamp,
+        }
+    }
+}
+
 /// A record to write. Without an explicit partition the key decides it
 /// (Kafka's murmur2 partitioner).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +195,21 @@ pub trait PartitionReader: Send + Sync {
     /// Up to `max` records from the current position. When there is none,
     /// waits up to `wait` for one; an empty result means caught up.
     async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, IoError>;
+    /// `next_batch` without copying: lends each record to `f` in order and
+    /// returns how many there were. Readers that hold records in a client
+    /// buffer (Kafka) implement it without a copy per record.
+    async fn visit_batch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+        f: &mut (dyn for<'r> FnMut(RecordRef<'r>) + Send),
+    ) -> Result<usize, IoError> {
+        let records = self.next_batch(max, wait).await?;
+        for r in &records {
+            f(r.as_ref());
+        }
+        Ok(records.len())
+    }
     /// Offset of the next record to read.
     fn position(&self) -> u64;
     fn seek(&mut self, offset: u64);
