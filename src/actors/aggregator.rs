@@ -557,7 +557,10 @@ impl Actor for WindowAggregatorActor {
             st.engine.idle_close(now);
         }
         let has_work = st.has_work();
+        // Caught up (nothing came, or the end of the partition was reached):
+        // commit now rather than at the interval.
         let due = caught_up
+            || st.reader.at_end()
             || st.uncommitted >= max
             || st
                 .first_uncommitted

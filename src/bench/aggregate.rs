@@ -9,7 +9,7 @@
 use super::synth::{generate, Expected, SynthSpec};
 use crate::config::Config;
 use crate::domain::window::FinalWindow;
-use crate::io::kafka::{KafkaLog, KafkaSettings};
+use crate::io::kafka::{consumer_tuning, KafkaLog, KafkaSettings};
 use crate::io::topics::Topics;
 use crate::io::EventLog;
 use anyhow::{anyhow, bail, Context};
@@ -131,21 +131,35 @@ pub fn produce(
     Ok((ends, exp, secs))
 }
 
+/// How the raw consumer is tuned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RawTuning {
+    /// What makes a plain consumer fastest on this broker (`BROKERS.md`):
+    /// short fetch waits and a deep prefetch queue, whatever the memory.
+    /// This is the ceiling.
+    Fastest,
+    /// The aggregators' own fetch settings (small prefetch): what reading
+    /// alone costs them.
+    Aggregators,
+}
+
 /// A plain consumer of `topic` from the beginning: records per second
-/// until every partition is at its end. It is the ceiling, so it gets the
-/// tuning that makes a plain consumer fastest on this broker
-/// (`BROKERS.md`): short fetch waits and a deep prefetch queue, whatever
-/// the memory (the aggregators keep theirs small).
-fn raw_consume(brokers: &str, topic: &str, ends: &[u64]) -> anyhow::Result<f64> {
+/// until every partition is at its end.
+fn raw_consume(brokers: &str, topic: &str, ends: &[u64], tuning: RawTuning) -> anyhow::Result<f64> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", format!("raw-{}", uuid::Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "5")
-        .set("fetch.queue.backoff.ms", "5")
-        .set("queued.min.messages", "1000000")
         .set("log_level", "3");
+    match tuning {
+        RawTuning::Fastest => {
+            cfg.set("fetch.wait.max.ms", "5")
+                .set("fetch.queue.backoff.ms", "5")
+                .set("queued.min.messages", "1000000");
+        }
+        RawTuning::Aggregators => consumer_tuning(&mut cfg),
+    }
     let c: BaseConsumer = cfg.create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..ends.len() {
@@ -514,9 +528,15 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
         "produced {total} records in {produce_secs:.2} s ({:.0}/s); ends {ends:?}",
         total as f64 / produce_secs
     );
-    let (brokers, topic, e2) = (a.brokers.clone(), topics.reactions.clone(), ends.clone());
-    let raw = tokio::task::spawn_blocking(move || raw_consume(&brokers, &topic, &e2)).await??;
-    eprintln!("raw consume: {raw:.0} records/s");
+    let mut raws = Vec::new();
+    for tuning in [RawTuning::Fastest, RawTuning::Aggregators] {
+        let (brokers, topic, e2) = (a.brokers.clone(), topics.reactions.clone(), ends.clone());
+        let raw = tokio::task::spawn_blocking(move || raw_consume(&brokers, &topic, &e2, tuning))
+            .await??;
+        eprintln!("raw consume ({tuning:?} tuning): {raw:.0} records/s");
+        raws.push(raw);
+    }
+    let (raw, raw_same) = (raws[0], raws[1]);
 
     // The aggregation run.
     let spawned = Instant::now();
@@ -609,6 +629,8 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
         "peak_rss_bytes": peak_rss,
         "raw_consume_events_per_s": raw.round(),
         "raw_ratio": ((total as f64 / secs) / raw * 100.0).round() / 100.0,
+        "raw_consume_same_settings_events_per_s": raw_same.round(),
+        "raw_ratio_same_settings": ((total as f64 / secs) / raw_same * 100.0).round() / 100.0,
         "restore_ms": restore_ms,
         "rebuild_ms": rebuild_ms,
         "rebuild_changelog_records": rebuild_records,

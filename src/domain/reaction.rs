@@ -82,8 +82,10 @@ struct Fast<'a> {
 
 /// Parse and validate a reaction value; `Err` carries the DLQ reason.
 pub fn parse_reaction_view(value: Option<&[u8]>) -> Result<ReactionView<'_>, String> {
-    if let Some(b) = value {
-        if let Ok(f) = serde_json::from_slice::<Fast>(b) {
+    // UTF-8 is checked once for the whole value (std's fast path), not per
+    // string as `from_slice` does.
+    if let Some(Ok(text)) = value.map(std::str::from_utf8) {
+        if let Ok(f) = serde_json::from_str::<Fast>(text) {
             let all_set = !(f.event_id.is_empty()
                 || f.campaign_id.is_empty()
                 || f.creative_id.is_empty()

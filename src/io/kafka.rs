@@ -1224,12 +1224,15 @@ impl PartitionReader for GroupReader {
                     self.topic, self.partition
                 )));
             }
+            let was_at_end = self.at_end;
             let (n, gap) = self.take(max, f);
             self.queued.set(self.queue.len() as f64);
             if gap {
                 self.start_seek();
             }
-            if n > 0 {
+            // Records, or the end of the partition just reached: the caller
+            // need not wait for more to know it is caught up.
+            if n > 0 || (self.at_end && !was_at_end) {
                 return Ok(n);
             }
             // Nothing queued: wait for the queue to fill, up to the deadline.
