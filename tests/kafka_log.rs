@@ -163,6 +163,10 @@ async fn a_second_member_takes_partitions_after_a_drained_revoke() {
         matches!(&first, PartitionEvent::Assigned(p) if p.len() == 4),
         "{first:?}"
     );
+    let mut readers = Vec::new();
+    for p in 0..4 {
+        readers.push(a.reader(p, 0).await.unwrap());
+    }
     let log_b = KafkaLog::connect(settings(&t, "d")).await.unwrap();
     let b = log_b.join_group("g2", "rb", "txn-g2-b").await.unwrap();
     // a is asked to give partitions back and acknowledges after "draining".
@@ -174,6 +178,23 @@ async fn a_second_member_takes_partitions_after_a_drained_revoke() {
         PartitionEvent::Revoked { partitions, done } => {
             assert!(!partitions.is_empty());
             done.send(()).unwrap();
+            // A reader of a partition given up says so (its actor stops).
+            let p = partitions[0];
+            let mut gone = false;
+            for _ in 0..100 {
+                match readers[p as usize]
+                    .next_batch(10, Duration::from_millis(50))
+                    .await
+                {
+                    Err(IoError::Retryable(e)) if e.contains("no longer owned") => {
+                        gone = true;
+                        break;
+                    }
+                    Err(e) => panic!("{e}"),
+                    Ok(_) => {}
+                }
+            }
+            assert!(gone, "the reader of revoked partition {p} still reads");
         }
         other => panic!("expected a revoke, got {other:?}"),
     }
@@ -193,4 +214,85 @@ async fn a_second_member_takes_partitions_after_a_drained_revoke() {
     assert_eq!(all, vec![0, 1, 2, 3], "each partition owned once");
     b.leave().await;
     a.leave().await;
+}
+
+/// Read a group reader until `n` records came (or 20 s passed).
+async fn read_n(reader: &mut Box<dyn smartmsg::io::PartitionReader>, n: usize) -> Vec<u64> {
+    let mut offsets = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while offsets.len() < n && tokio::time::Instant::now() < deadline {
+        reader
+            .visit_batch(7, Duration::from_millis(200), &mut |r| {
+                offsets.push(r.offset)
+            })
+            .await
+            .unwrap();
+    }
+    offsets
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_reader_of_an_owned_partition_starts_where_asked() {
+    let t = Tansu::start();
+    let log = KafkaLog::connect(settings(&t, "e")).await.unwrap();
+    log.ensure_topic(&spec("rr", 1)).await.unwrap();
+    let publish = |from: u32, to: u32| {
+        (from..to)
+            .map(|i| OutRecord::keyed("rr", format!("k{i}"), Some(format!("v{i}").into_bytes())))
+            .map(|r| r.to_partition(0))
+            .collect::<Vec<_>>()
+    };
+    log.publish(publish(0, 50)).await.unwrap();
+    let member = log.join_group("g3", "rr", "txn-g3-a").await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(30), member.next_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&ev, PartitionEvent::Assigned(p) if p == &vec![0]),
+        "{ev:?}"
+    );
+
+    // The first reader reads everything, in order, lending the bytes.
+    let mut first = member.reader(0, 0).await.unwrap();
+    let got = first.next_batch(20, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(got[0].offset, 0);
+    assert_eq!(got[0].value.as_deref(), Some(&b"v0"[..]));
+    let mut offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+    offsets.extend(read_n(&mut first, 50 - offsets.len()).await);
+    assert_eq!(offsets, (0..50).collect::<Vec<u64>>());
+    drop(first);
+
+    // A restarted reader asked to start behind where its predecessor
+    // stopped gets the records again from there (a seek), then the end.
+    let mut second = member.reader(0, 10).await.unwrap();
+    assert_eq!(
+        read_n(&mut second, 40).await,
+        (10..50).collect::<Vec<u64>>()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !second.at_end() && tokio::time::Instant::now() < deadline {
+        let none = second
+            .next_batch(10, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "nothing beyond the end: {none:?}");
+    }
+    assert!(
+        second.at_end(),
+        "the end of the partition is reported after a seek"
+    );
+    drop(second);
+
+    // A reader at the end waits for new records and gets exactly those.
+    let mut third = member.reader(0, 50).await.unwrap();
+    assert!(third
+        .next_batch(10, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+    log.publish(publish(50, 55)).await.unwrap();
+    assert_eq!(read_n(&mut third, 5).await, (50..55).collect::<Vec<u64>>());
+    assert_eq!(third.position(), 55);
+    member.leave().await;
 }
