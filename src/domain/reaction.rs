@@ -70,7 +70,7 @@ impl ReactionView<'_> {
 /// ever accepts what the full validation accepts; anything else (escapes,
 /// duplicates, wrong types) falls back to the full validation, which also
 /// names the reason.
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Eq, Deserialize)]
 struct Fast<'a> {
     event_id: &'a str,
     campaign_id: &'a str,
@@ -80,12 +80,145 @@ struct Fast<'a> {
     ts: i64,
 }
 
+fn skip_ws(b: &[u8], i: &mut usize) {
+    while matches!(b.get(*i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        *i += 1;
+    }
+}
+
+fn expect(b: &[u8], i: &mut usize, c: u8) -> Option<()> {
+    (b.get(*i) == Some(&c)).then(|| *i += 1)
+}
+
+/// A JSON string without escapes or control characters at `i`: the byte
+/// range of its contents.
+fn plain_str(b: &[u8], i: &mut usize) -> Option<(usize, usize)> {
+    expect(b, i, b'"')?;
+    let start = *i;
+    while let Some(&c) = b.get(*i) {
+        match c {
+            b'"' => {
+                *i += 1;
+                return Some((start, *i - 1));
+            }
+            b'\\' | 0..=0x1f => return None,
+            _ => *i += 1,
+        }
+    }
+    None
+}
+
+/// A JSON integer (no fraction, no exponent, no leading zero) fitting i64.
+fn integer(b: &[u8], i: &mut usize) -> Option<i64> {
+    let neg = b.get(*i) == Some(&b'-');
+    if neg {
+        *i += 1;
+    }
+    let start = *i;
+    let mut v: i64 = 0;
+    while let Some(c) = b.get(*i).filter(|c| c.is_ascii_digit()) {
+        v = v.checked_mul(10)?.checked_add(i64::from(c - b'0'))?;
+        *i += 1;
+    }
+    let digits = *i - start;
+    if digits == 0
+        || (digits > 1 && b[start] == b'0')
+        || matches!(b.get(*i), Some(b'.' | b'e' | b'E'))
+    {
+        return None;
+    }
+    Some(if neg { -v } else { v })
+}
+
+/// Skip a simple value of a field we do not use.
+fn skip_value(b: &[u8], i: &mut usize) -> Option<()> {
+    match b.get(*i)? {
+        b'"' => plain_str(b, i).map(|_| ()),
+        b'-' | b'0'..=b'9' => integer(b, i).map(|_| ()),
+        _ => {
+            let lit: &[u8] = [&b"true"[..], b"false", b"null"]
+                .into_iter()
+                .find(|l| b[*i..].starts_with(l))?;
+            *i += lit.len();
+            Some(())
+        }
+    }
+}
+
+/// The hot path: a byte scanner for the common shape (a flat object,
+/// strings without escapes, an integer `ts`, simple extra fields). `None`
+/// whenever anything is unusual, and the caller falls back to serde_json —
+/// so it only ever accepts what serde_json accepts, with the same values
+/// (property test below), at a fraction of the cost.
+fn scan(text: &str) -> Option<Fast<'_>> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    let (mut ev, mut cp, mut cr, mut us, mut action, mut ts) = (None, None, None, None, None, None);
+    skip_ws(b, &mut i);
+    expect(b, &mut i, b'{')?;
+    loop {
+        skip_ws(b, &mut i);
+        let (ks, ke) = plain_str(b, &mut i)?;
+        skip_ws(b, &mut i);
+        expect(b, &mut i, b':')?;
+        skip_ws(b, &mut i);
+        let key = &b[ks..ke];
+        match key {
+            b"event_id" | b"campaign_id" | b"creative_id" | b"user_id" => {
+                let (s, e) = plain_str(b, &mut i)?;
+                let slot = match key {
+                    b"event_id" => &mut ev,
+                    b"campaign_id" => &mut cp,
+                    b"creative_id" => &mut cr,
+                    _ => &mut us,
+                };
+                if slot.replace(&text[s..e]).is_some() {
+                    return None; // a duplicate: serde_json decides
+                }
+            }
+            b"action" => {
+                let (s, e) = plain_str(b, &mut i)?;
+                if action.replace(Action::parse(&text[s..e])?).is_some() {
+                    return None;
+                }
+            }
+            b"ts" => {
+                if ts.replace(integer(b, &mut i)?).is_some() {
+                    return None;
+                }
+            }
+            _ => skip_value(b, &mut i)?,
+        }
+        skip_ws(b, &mut i);
+        match b.get(i)? {
+            b',' => i += 1,
+            b'}' => {
+                i += 1;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    skip_ws(b, &mut i);
+    if i != b.len() {
+        return None;
+    }
+    Some(Fast {
+        event_id: ev?,
+        campaign_id: cp?,
+        creative_id: cr?,
+        user_id: us?,
+        action: action?,
+        ts: ts?,
+    })
+}
+
 /// Parse and validate a reaction value; `Err` carries the DLQ reason.
 pub fn parse_reaction_view(value: Option<&[u8]>) -> Result<ReactionView<'_>, String> {
     // UTF-8 is checked once for the whole value (std's fast path), not per
     // string as `from_slice` does.
     if let Some(Ok(text)) = value.map(std::str::from_utf8) {
-        if let Ok(f) = serde_json::from_str::<Fast>(text) {
+        if let Some(f) = scan(text).or_else(|| serde_json::from_str::<Fast>(text).ok()) {
             let all_set = !(f.event_id.is_empty()
                 || f.campaign_id.is_empty()
                 || f.creative_id.is_empty()
@@ -161,6 +294,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn scanner_takes_the_common_shape() {
+        let text = " {\"ts\": 17 , \"event_id\":\"e\",\"campaign_id\":\"c\",\"creative_id\":\"é\",\n\"user_id\":\"u\",\"action\":\"send\",\"v\":-3,\"ok\":true,\"s\":\"x\"}\t";
+        let f = scan(text).expect("the common shape is scanned");
+        assert_eq!(
+            (f.campaign_id, f.creative_id, f.action, f.ts),
+            ("c", "é", Action::Send, 17)
+        );
+        for odd in [
+            r#"{"event_id":"e","campaign_id":"c\u0031","creative_id":"a","user_id":"u","action":"send","ts":1}"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1.0}"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1,"x":[1]}"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1}x"#,
+        ] {
+            assert!(scan(odd).is_none(), "{odd} goes to serde_json");
+        }
+    }
+
+    #[test]
     fn valid_and_invalid() {
         let ok = br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"click","ts":5,"x":1}"#;
         assert_eq!(parse_reaction(Some(ok)).unwrap().action, Action::Click);
@@ -180,7 +331,75 @@ mod tests {
         assert!(parse_reaction(None).unwrap_err().contains("null"));
     }
 
+    /// JSON-ish pieces for the scanner's property test: keys of the
+    /// schema and others, values of every kind, odd whitespace.
+    fn piece() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(r#""event_id":"e1""#.to_string()),
+            Just(r#""campaign_id":"c1""#.to_string()),
+            Just(r#""creative_id":"a1""#.to_string()),
+            Just(r#""user_id":"u1""#.to_string()),
+            "(send|click|impression|buy|Click)".prop_map(|a| format!(r#""action":"{a}""#)),
+            "(-?[0-9]{1,20}|0[0-9]|1\\.5|1e3|-0|null|\"7\"|true)"
+                .prop_map(|t| format!(r#""ts":{t}"#)),
+            "[a-z_]{1,6}".prop_map(|k| format!(r#""{k}":1"#)),
+            Just(r#""x":"a\"b""#.to_string()),
+            Just(r#""x":{"y":1}"#.to_string()),
+            Just(r#""x":[1]"#.to_string()),
+            Just(r#""x":null"#.to_string()),
+            Just(r#""x":false"#.to_string()),
+            Just(r#""x":-1.25e2"#.to_string()),
+            Just(r#""x":01"#.to_string()),
+            Just(r#""campaign_id":"c\u0031""#.to_string()),
+            Just("\"user_id\":\"u\u{1}\"".to_string()),
+            Just(r#""creative_id":"é""#.to_string()),
+            Just(r#""event_\u0069d":"e2""#.to_string()),
+        ]
+    }
+
+    use proptest::strategy::Strategy as _;
+
     proptest::proptest! {
+        /// The scanner accepts only what serde_json accepts, with the same
+        /// values; and the whole fast path agrees with the full validation.
+        #[test]
+        fn scanner_agrees_with_serde(
+            pieces in (
+                proptest::strategy::Strategy::prop_shuffle(proptest::strategy::Just(vec![
+                    r#""event_id":"e1""#.to_string(),
+                    r#""campaign_id":"c1""#.to_string(),
+                    r#""creative_id":"a1""#.to_string(),
+                    r#""user_id":"u1""#.to_string(),
+                    r#""action":"click""#.to_string(),
+                    r#""ts":42"#.to_string(),
+                ])),
+                proptest::collection::vec(piece(), 0..4),
+                0usize..7,
+                proptest::bool::weighted(0.2),
+            ).prop_map(|(mut base, extra, at, drop_one): (Vec<String>, Vec<String>, usize, bool)| {
+                if drop_one {
+                    base.remove(at % base.len());
+                }
+                for (k, e) in extra.into_iter().enumerate() {
+                    base.insert((at + k) % (base.len() + 1), e);
+                }
+                base
+            }),
+            ws in proptest::collection::vec("[ \t\n\r]{0,2}", 8),
+            tail in "( |x|,|)",
+        ) {
+            let sep = format!("{},{}", ws[0], ws[1]);
+            let text = format!("{}{{{}{}{}}}{}{}", ws[2], ws[3], pieces.join(&sep), ws[4], ws[5], tail);
+            if let Some(fast) = scan(&text) {
+                let serde: Fast = serde_json::from_str(&text).expect("scanner accepted what serde rejects");
+                proptest::prop_assert_eq!(fast, serde);
+            }
+            let full = parse_reaction(Some(text.as_bytes()));
+            let view = parse_reaction_view(Some(text.as_bytes())).map(|v| v.into_owned());
+            proptest::prop_assert_eq!(full, view);
+        }
+
         /// The fast path never disagrees with the full validation.
         #[test]
         fn fast_path_agrees_with_full_validation(

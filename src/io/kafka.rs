@@ -147,7 +147,7 @@ impl KafkaSettings {
 /// Fetch tuning of every consumer that reads a partition to its end: the
 /// broker answers a fetch after at most 5 ms instead of 500, and the local
 /// prefetch is small. With split partition queues librdkafka bounds each
-/// partition's queue (about 5,000 records or 2 MB, plus one fetch response
+/// partition's queue (about 3,000 records or 2 MB, plus one fetch response
 /// of at most ~1 MB or one record batch): a reader that falls behind stops
 /// its partition's fetching, so memory stays bounded (backpressure).
 /// Measured (`bench aggregate`, BENCHMARKS.md): deeper queues buy little
@@ -156,7 +156,7 @@ impl KafkaSettings {
 pub fn consumer_tuning(c: &mut ClientConfig) {
     c.set("fetch.wait.max.ms", "5")
         .set("fetch.queue.backoff.ms", "5")
-        .set("queued.min.messages", "5000")
+        .set("queued.min.messages", "3000")
         .set("queued.max.messages.kbytes", "2048")
         .set("max.partition.fetch.bytes", "1048576")
         .set("fetch.max.bytes", "1048576");
