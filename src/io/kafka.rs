@@ -175,12 +175,13 @@ pub struct KafkaLog {
     inner: Arc<Inner>,
 }
 
-fn to_record(m: &BorrowedMessage<'_>) -> Record {
-    Record {
+/// A consumed message, borrowed.
+fn record_ref<'a>(m: &'a BorrowedMessage<'_>) -> RecordRef<'a> {
+    RecordRef {
         partition: m.partition() as u32,
         offset: m.offset() as u64,
-        key: m.key().map(|k| k.to_vec()),
-        value: m.payload().map(|v| v.to_vec()),
+        key: m.key(),
+        value: m.payload(),
         timestamp: m.timestamp().to_millis().unwrap_or(0),
     }
 }
@@ -508,7 +509,7 @@ impl KafkaReader {
             match tokio::time::timeout(budget, consumer.recv()).await {
                 Err(_) => return Ok(out),
                 Ok(Ok(m)) => {
-                    let r = to_record(&m);
+                    let r = record_ref(&m).to_record();
                     self.at_eof.insert(r.partition, false);
                     let expected = self.positions.get(&r.partition).copied().unwrap_or(0);
                     if r.offset < expected {
