@@ -415,7 +415,11 @@ impl AggregatorState {
         let Some(f) = self.inflight.take() else {
             return Ok(());
         };
+        let waiting = Instant::now();
         let written = f.task.await??;
+        metrics::histogram!("smartmsg_aggregator_commit_wait_seconds",
+            "partition" => self.partition.to_string())
+        .record(waiting.elapsed().as_secs_f64());
         let mut progress = f.progress;
         progress.changelog_offset = written[f.marker_index].offset + 1;
         self.progress = progress;

@@ -49,6 +49,11 @@ pub struct AggregateArgs {
     /// Skip the restore measurements.
     #[arg(long)]
     pub no_restore: bool,
+    /// PID of the broker, when it runs on this machine: its CPU time during
+    /// the raw consume and the aggregation is reported too (diagnosis: the
+    /// broker shares the machine's cores).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
 }
 
 /// Delivery reports: highest offset per partition, failures.
@@ -323,6 +328,46 @@ pub fn verify(
     Ok(v)
 }
 
+/// Sum of the samples of `name` (any labels) in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU seconds of a process's threads, by thread name (digits dropped:
+/// `tokio-rt-worker`, `rdk:broker`, ...).
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    for e in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name: String = head
+            .split_once('(')
+            .map(|(_, n)| n)
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .collect();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / hz.max(1.0);
+    }
+    out
+}
+
 /// `/proc/<pid>` readings of a child.
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -353,6 +398,8 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 /// A `smartmsg run` child with the aggregator role.
 pub struct Worker {
     pub child: Child,
+    /// Its HTTP port (`/metrics`).
+    pub port: u16,
     /// (partition, took_ms, full, changelog_records) per restore logged.
     pub restores: mpsc::Receiver<(u64, u64, bool, u64)>,
 }
@@ -373,10 +420,14 @@ impl Worker {
             }
             None => Command::new(bin),
         };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let mut child = cmd
             .arg("run")
             .arg("--config")
             .arg(config)
+            .env("SMARTMSG__HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -406,8 +457,29 @@ impl Worker {
         });
         Ok(Worker {
             child,
+            port,
             restores: rx,
         })
+    }
+
+    /// Its `/metrics` text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("malformed /metrics answer"))?;
+        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+            bail!("/metrics answered {}", head.lines().next().unwrap_or(""));
+        }
+        Ok(body.to_string())
     }
 
     pub fn pid(&self) -> u32 {
@@ -528,15 +600,19 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
         "produced {total} records in {produce_secs:.2} s ({:.0}/s); ends {ends:?}",
         total as f64 / produce_secs
     );
+    let broker_cpu = || a.broker_pid.map(cpu_seconds);
     let mut raws = Vec::new();
     for tuning in [RawTuning::Fastest, RawTuning::Aggregators] {
         let (brokers, topic, e2) = (a.brokers.clone(), topics.reactions.clone(), ends.clone());
+        let (own0, broker0) = (cpu_seconds(std::process::id()), broker_cpu());
         let raw = tokio::task::spawn_blocking(move || raw_consume(&brokers, &topic, &e2, tuning))
             .await??;
-        eprintln!("raw consume ({tuning:?} tuning): {raw:.0} records/s");
-        raws.push(raw);
+        let own = cpu_seconds(std::process::id()) - own0;
+        let broker = broker_cpu().zip(broker0).map(|(b, b0)| b - b0);
+        eprintln!("raw consume ({tuning:?} tuning): {raw:.0} records/s, {own:.2} CPU-s, broker {broker:?} CPU-s");
+        raws.push((raw, own, broker));
     }
-    let (raw, raw_same) = (raws[0], raws[1]);
+    let ((raw, raw_cpu, raw_broker_cpu), (raw_same, _, _)) = (raws[0], raws[1]);
 
     // The aggregation run.
     let spawned = Instant::now();
@@ -551,14 +627,23 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
     restored?;
     let start = Instant::now();
     let cpu0 = cpu_seconds(pid);
+    let threads0 = thread_cpu(pid);
+    let broker0 = broker_cpu();
     eprintln!(
         "aggregator process up and restored after {:.2} s; aggregating",
         spawned.elapsed().as_secs_f64()
     );
     let group = cfg.kafka.group_id.clone();
     let deadline = Instant::now() + Duration::from_secs(600);
+    // When each partition's committed offset reached its end.
+    let mut done_s: Vec<Option<f64>> = vec![None; parts as usize];
     loop {
         let c = committed(&log, &group, &topics.reactions, parts).await?;
+        for (i, (o, e)) in c.iter().zip(&ends).enumerate() {
+            if o == e && done_s[i].is_none() {
+                done_s[i] = Some((start.elapsed().as_secs_f64() * 1000.0).round() / 1000.0);
+            }
+        }
         if c == ends {
             break;
         }
@@ -569,7 +654,22 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
-    eprintln!("aggregated {total} records in {secs:.2} s, {cpu:.2} CPU-s");
+    let broker_agg_cpu = broker_cpu().zip(broker0).map(|(b, b0)| b - b0);
+    let mut threads = thread_cpu(pid);
+    for (name, c) in threads.iter_mut() {
+        *c = ((*c - threads0.get(name).copied().unwrap_or(0.0)) * 100.0).round() / 100.0;
+    }
+    threads.retain(|_, c| *c > 0.0);
+    eprintln!("aggregated {total} records in {secs:.2} s, {cpu:.2} CPU-s, broker {broker_agg_cpu:?} CPU-s");
+    // Where the aggregation waited (summed over partitions).
+    let m = worker.metrics()?;
+    let waits = json!({
+        "transactions": metric_sum(&m, "smartmsg_kafka_transaction_seconds_count"),
+        "transaction_s": (metric_sum(&m, "smartmsg_kafka_transaction_seconds_sum") * 1000.0).round() / 1000.0,
+        "commit_wait_s": (metric_sum(&m, "smartmsg_aggregator_commit_wait_seconds_sum") * 1000.0).round() / 1000.0,
+        "input_wait_s": (metric_sum(&m, "smartmsg_partition_input_wait_seconds_sum") * 1000.0).round() / 1000.0,
+    });
+    eprintln!("waits: {waits}");
     // The last windows close when the partitions are idle.
     let mut verdict = Verdict::default();
     let until = Instant::now() + Duration::from_secs(60);
@@ -636,6 +736,13 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
         "rebuild_changelog_records": rebuild_records,
         "changelog_records": changelog,
         "produce_events_per_s": (total as f64 / produce_secs).round(),
+        "cpu_s": (cpu * 100.0).round() / 100.0,
+        "raw_consume_cpu_s": (raw_cpu * 100.0).round() / 100.0,
+        "broker_cpu_s": broker_agg_cpu.map(|c| (c * 100.0).round() / 100.0),
+        "raw_consume_broker_cpu_s": raw_broker_cpu.map(|c| (c * 100.0).round() / 100.0),
+        "waits": waits,
+        "thread_cpu_s": threads,
+        "partition_done_s": done_s,
         "partitions": parts,
         "verified": verdict.ok,
         "verification": verdict,

@@ -19,7 +19,7 @@
 //! Blocking librdkafka calls never run on the async workers.
 
 use crate::config::Config;
-use crate::io::kafka_queue::{Polled, SplitQueue};
+use crate::io::kafka_queue::{Polled, ProducerPoller, SplitQueue};
 use crate::io::{
     EventLog, GroupMember, IoError, OutRecord, PartitionEvent, PartitionReader, Record, RecordRef,
     TopicReader, TopicSpec, Txn, TxnWriter, Written,
@@ -31,10 +31,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
-    ThreadedProducer,
-};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -165,8 +162,35 @@ pub fn consumer_tuning(c: &mut ClientConfig) {
 struct Inner {
     s: KafkaSettings,
     admin: AdminClient<DefaultClientContext>,
-    producer: FutureProducer,
+    /// Serves `producer`'s delivery reports (dropped first).
+    _poller: ProducerPoller,
+    producer: Arc<BaseProducer<PublishContext>>,
     partitions: Mutex<HashMap<String, u32>>,
+}
+
+type Delivered = tokio::sync::oneshot::Sender<Result<Written, KafkaError>>;
+
+/// Hands each delivery report of plain publishing to its waiter.
+struct PublishContext;
+
+impl ClientContext for PublishContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(error, reason);
+    }
+}
+
+impl ProducerContext for PublishContext {
+    type DeliveryOpaque = Box<Delivered>;
+    fn delivery(&self, result: &DeliveryResult<'_>, reply: Box<Delivered>) {
+        let r = match result {
+            Ok(m) => Ok(Written {
+                partition: m.partition() as u32,
+                offset: m.offset() as u64,
+            }),
+            Err((e, _)) => Err(e.clone()),
+        };
+        let _ = reply.send(r);
+    }
 }
 
 /// The event log on Kafka. Cheap to clone.
@@ -193,15 +217,18 @@ impl KafkaLog {
             .client()
             .create()
             .map_err(|e| IoError::Fatal(format!("kafka admin client: {e}")))?;
-        let producer: FutureProducer = s
+        let producer: BaseProducer<PublishContext> = s
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "2")
             .set("message.timeout.ms", "30000")
-            .create()
+            .create_with_context(PublishContext)
             .map_err(|e| IoError::Fatal(format!("kafka producer: {e}")))?;
+        let producer = Arc::new(producer);
+        let poller = ProducerPoller::start(producer.clone(), "kafka-publish-poll".into())
+            .map_err(|e| IoError::Fatal(format!("producer poll thread: {e}")))?;
         let probe = producer.clone();
         let brokers = s.brokers.clone();
         tokio::task::spawn_blocking(move || {
@@ -217,6 +244,7 @@ impl KafkaLog {
             inner: Arc::new(Inner {
                 s,
                 admin,
+                _poller: poller,
                 producer,
                 partitions: Mutex::new(HashMap::new()),
             }),
@@ -339,28 +367,41 @@ impl EventLog for KafkaLog {
     }
 
     async fn publish(&self, records: Vec<OutRecord>) -> Result<Vec<Written>, IoError> {
-        let mut futures = Vec::with_capacity(records.len());
+        let mut waiters = Vec::with_capacity(records.len());
         for r in &records {
-            let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic);
+            let (reply, wait) = tokio::sync::oneshot::channel();
+            let mut rec: BaseRecord<'_, [u8], [u8], Box<Delivered>> =
+                BaseRecord::with_opaque_to(&r.topic, Box::new(reply));
             if let Some(k) = &r.key {
-                fr = fr.key(k.as_slice());
+                rec = rec.key(k.as_slice());
             }
             if let Some(v) = &r.value {
-                fr = fr.payload(v.as_slice());
+                rec = rec.payload(v.as_slice());
             }
             if let Some(p) = r.partition {
-                fr = fr.partition(p as i32);
+                rec = rec.partition(p as i32);
             }
-            futures.push(self.inner.producer.send(fr, OP_TIMEOUT));
+            let deadline = Instant::now() + OP_TIMEOUT;
+            loop {
+                match self.inner.producer.send(rec) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                        if Instant::now() < deadline =>
+                    {
+                        rec = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(kafka_error("publish", e)),
+                }
+            }
+            waiters.push(wait);
         }
-        let mut out = Vec::with_capacity(futures.len());
-        for res in futures::future::join_all(futures).await {
-            match res {
-                Ok(d) => out.push(Written {
-                    partition: d.partition as u32,
-                    offset: d.offset as u64,
-                }),
-                Err((e, _)) => return Err(kafka_error("publish", e)),
+        let mut out = Vec::with_capacity(waiters.len());
+        for w in waiters {
+            match w.await {
+                Ok(Ok(written)) => out.push(written),
+                Ok(Err(e)) => return Err(kafka_error("publish", e)),
+                Err(_) => return Err(IoError::Retryable("publish: producer closed".into())),
             }
         }
         Ok(out)
@@ -649,7 +690,7 @@ impl TxnCoordinator {
         transactional_id: &str,
         group: Option<GroupMetadataFn>,
     ) -> Result<Self, IoError> {
-        let producer: ThreadedProducer<DeliveryContext> = s
+        let producer: BaseProducer<DeliveryContext> = s
             .client()
             .set("transactional.id", transactional_id)
             .set("enable.idempotence", "true")
@@ -665,18 +706,25 @@ impl TxnCoordinator {
                 all_reported: Default::default(),
             })
             .map_err(|e| IoError::Fatal(format!("transactional producer: {e}")))?;
+        let producer = Arc::new(producer);
         let (tx, rx) = std::sync::mpsc::channel::<TxnRequest>();
         let id = transactional_id.to_string();
+        let poller = ProducerPoller::start(producer.clone(), format!("txnpoll-{id}"))
+            .map_err(|e| IoError::Fatal(format!("producer poll thread: {e}")))?;
         std::thread::Builder::new()
             .name(format!("txn-{id}"))
-            .spawn(move || txn_loop(producer, rx, group, id))
+            .spawn(move || {
+                txn_loop(&producer, rx, group, id);
+                // The poller goes first: it holds the producer too.
+                drop(poller);
+            })
             .map_err(|e| IoError::Fatal(format!("txn thread: {e}")))?;
         Ok(TxnCoordinator { tx })
     }
 }
 
 fn txn_loop(
-    producer: ThreadedProducer<DeliveryContext>,
+    producer: &BaseProducer<DeliveryContext>,
     rx: std::sync::mpsc::Receiver<TxnRequest>,
     group: Option<GroupMetadataFn>,
     id: String,
@@ -713,7 +761,7 @@ fn txn_loop(
             }
         }
         let started = Instant::now();
-        let res = run_txn(&producer, &mut reqs, group.as_ref());
+        let res = run_txn(producer, &mut reqs, group.as_ref());
         metrics::histogram!("smartmsg_kafka_transaction_seconds")
             .record(started.elapsed().as_secs_f64());
         match res {
@@ -738,7 +786,7 @@ fn txn_loop(
 }
 
 fn run_txn(
-    producer: &ThreadedProducer<DeliveryContext>,
+    producer: &BaseProducer<DeliveryContext>,
     reqs: &mut [TxnRequest],
     group: Option<&GroupMetadataFn>,
 ) -> Result<Vec<Vec<Written>>, IoError> {
@@ -1140,6 +1188,8 @@ struct GroupReader {
     at_end: bool,
     /// Records fetched and not yet read (`smartmsg_partition_queue_records`).
     queued: metrics::Gauge,
+    /// Waits with nothing fetched (`smartmsg_partition_input_wait_seconds`).
+    starved: metrics::Histogram,
 }
 
 impl GroupReader {
@@ -1237,10 +1287,12 @@ impl PartitionReader for GroupReader {
                 return Ok(n);
             }
             // Nothing queued: wait for the queue to fill, up to the deadline.
-            if tokio::time::timeout_at(deadline, self.queue.wait())
+            let waiting = Instant::now();
+            let timed_out = tokio::time::timeout_at(deadline, self.queue.wait())
                 .await
-                .is_err()
-            {
+                .is_err();
+            self.starved.record(waiting.elapsed().as_secs_f64());
+            if timed_out {
                 return Ok(0);
             }
         }
@@ -1299,6 +1351,8 @@ impl GroupMember for KafkaGroup {
             seek_pending: Arc::default(),
             at_end: false,
             queued: metrics::gauge!("smartmsg_partition_queue_records",
+                "topic" => self.topic.clone(), "partition" => partition.to_string()),
+            starved: metrics::histogram!("smartmsg_partition_input_wait_seconds",
                 "topic" => self.topic.clone(), "partition" => partition.to_string()),
         };
         // A fresh assignment fetches from the committed offset (a gap, if

@@ -54,6 +54,16 @@ fn describe() {
         "Records dead-lettered, by reason class."
     );
     describe_histogram!(
+        "smartmsg_partition_input_wait_seconds",
+        Unit::Seconds,
+        "Waits of a partition reader with nothing fetched (the reader is starved), by topic and partition."
+    );
+    describe_histogram!(
+        "smartmsg_aggregator_commit_wait_seconds",
+        Unit::Seconds,
+        "Time an aggregator waited for its previous transaction before submitting the next, by partition."
+    );
+    describe_histogram!(
         "smartmsg_job_lateness_seconds",
         Unit::Seconds,
         "How late batch jobs fired."
