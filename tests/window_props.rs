@@ -3,12 +3,16 @@
 //!   counter emits, and dead-letters the same events as late;
 //! * any interleaving of partitions and any crash point (with the crashed
 //!   transaction's records left visible, as brokers that do not hide
-//!   aborted transactions do) give the same totals per window as the input.
+//!   aborted transactions do) give the same totals per window as the input;
+//! * at every restart, the local checkpoint plus the changelog tail gives
+//!   the same state as a replay of the whole changelog.
 
 use proptest::prelude::*;
-use smartmsg::domain::changelog::{encode_count, Replayer, TxnMarker, META_KEY};
+use smartmsg::domain::changelog::{Parts, Replayer, TxnMarker, META_KEY};
 use smartmsg::domain::reaction::Action;
-use smartmsg::domain::window::{FinalWindow, WindowConfig, WindowEngine, WindowKind, MINUTE_MS};
+use smartmsg::domain::window::{
+    FinalWindow, WindowConfig, WindowEngine, WindowKind, WindowMeta, MINUTE_MS,
+};
 use std::collections::{BTreeMap, HashMap};
 
 type Key = (String, String, Action, WindowKind, i64);
@@ -106,7 +110,8 @@ proptest! {
 
     #[test]
     fn bucketed_engine_matches_the_reference(steps in steps(), grace in 0i64..120_000) {
-        let mut e = WindowEngine::new(WindowConfig { grace_ms: grace, hopping: true }, 0);
+        let mut e = WindowEngine::new(WindowConfig { grace_ms: grace, hopping: true }, 0)
+            .with_part_entries(2);
         let mut r = Reference::new(grace);
         let mut got: Vec<(Key, u64)> = Vec::new();
         for s in &steps {
@@ -142,21 +147,51 @@ struct Sink {
     finals: Vec<FinalWindow>,
 }
 
+/// The local checkpoint of committed state, as the aggregator keeps it in
+/// sled: parts, and the input offset, changelog position, epoch and window
+/// progress they reflect.
+struct Local {
+    parts: Parts,
+    meta: WindowMeta,
+    input_offset: u64,
+    position: usize,
+    epoch: u64,
+}
+
+fn replay(log: &[(Vec<u8>, Option<Vec<u8>>)], mut r: Replayer) -> Replayer {
+    for (k, v) in log {
+        r.record(Some(k), v.as_deref());
+    }
+    r
+}
+
 /// Run one partition's aggregator over `input`, committing every `batch`
 /// records, crashing at the given input positions (the transaction in
 /// progress is written but never committed) and restarting from the
-/// changelog and the committed offset. Ends with an idle close.
+/// changelog and the committed offset. Every `checkpoint_every` commits the
+/// committed changes go to the local checkpoint; each restart checks that
+/// the checkpoint plus the changelog tail equals the whole replay. Ends
+/// with an idle close.
 fn run_partition(
     p: u32,
     input: &[(String, String, Action, i64)],
     batch: usize,
     crashes: &[usize],
+    checkpoint_every: usize,
     log: &mut Changelog,
     sink: &mut Sink,
 ) {
     let cfg = WindowConfig {
         grace_ms: 30_000,
         hopping: true,
+    };
+    let initial = WindowEngine::new(cfg, p).meta();
+    let mut local = Local {
+        parts: Parts::new(),
+        meta: initial,
+        input_offset: 0,
+        position: 0,
+        epoch: 0,
     };
     let mut committed = 0u64;
     let mut epoch = 0u64;
@@ -166,23 +201,60 @@ fn run_partition(
     let mut crashes = crashes.into_iter().peekable();
     'incarnation: loop {
         epoch += 1;
-        let mut engine = WindowEngine::new(cfg, p);
-        let mut r = Replayer::new(&mut engine, committed, 0, 0, false);
-        for (k, v) in &log.0 {
-            r.record(Some(k), v.as_deref());
-        }
+        let full = replay(
+            &log.0,
+            Replayer::new(Parts::new(), initial, committed, 0, 0, false),
+        );
         assert_eq!(
-            r.input_offset(),
+            full.input_offset(),
             committed,
             "replay reaches the committed offset"
         );
-        let epoch_floor = r.epoch();
+        let tail = replay(
+            &log.0[local.position..],
+            Replayer::new(
+                local.parts.clone(),
+                local.meta,
+                committed,
+                local.input_offset,
+                local.epoch,
+                true,
+            ),
+        );
+        assert_eq!(
+            tail.input_offset(),
+            committed,
+            "checkpoint + tail reach it too"
+        );
+        assert_eq!(tail.meta(), full.meta());
+        let epoch_floor = full.epoch();
+        let meta = full.meta();
+        let parts = full.into_parts();
+        // The restore brings the checkpoint up to date with what the tail
+        // changed (as the aggregator writes it to sled).
+        for (k, v) in tail.changed() {
+            match v {
+                Some(v) => local.parts.insert(k, v),
+                None => local.parts.remove(&k),
+            };
+        }
+        assert_eq!(&local.parts, &parts, "checkpoint + tail = whole replay");
+        local.meta = meta;
+        local.input_offset = committed;
+        local.position = log.0.len();
+        local.epoch = epoch_floor;
+        let (engine, unreadable) = WindowEngine::from_parts(cfg, p, meta, &parts);
+        assert_eq!(unreadable, 0);
+        // Tiny parts, so that minutes split and grow.
+        let mut engine = engine.with_part_entries(2);
         epoch = epoch.max(epoch_floor + 1);
         // Each incarnation cuts its transactions differently.
         let batch = batch + epoch as usize % 3;
         let mut pos = committed as usize;
         let mut from = committed;
         let mut done = false;
+        let mut commits = 0usize;
+        let mut unsaved: BTreeMap<_, Option<Vec<u8>>> = BTreeMap::new();
         while !done {
             let end = (pos + batch).min(input.len());
             for (c, a, ac, ts) in &input[pos..end] {
@@ -202,8 +274,8 @@ fn run_partition(
                 engine.idle_close(now);
             }
             let (changes, finals) = engine.take_changes();
-            for (k, c) in &changes {
-                log.0.push((k.encode(), encode_count(*c)));
+            for (k, v) in &changes {
+                log.0.push((k.encode(), v.clone()));
             }
             let meta = engine.meta();
             let marker = TxnMarker {
@@ -221,6 +293,20 @@ fn run_partition(
             }
             committed = pos as u64;
             from = committed;
+            unsaved.extend(changes);
+            commits += 1;
+            if commits.is_multiple_of(checkpoint_every) {
+                for (k, v) in std::mem::take(&mut unsaved) {
+                    match v {
+                        Some(v) => local.parts.insert(k, v),
+                        None => local.parts.remove(&k),
+                    };
+                }
+                local.meta = meta;
+                local.input_offset = committed;
+                local.position = log.0.len();
+                local.epoch = epoch;
+            }
         }
         return;
     }
@@ -234,6 +320,7 @@ proptest! {
         events in prop::collection::vec((0u8..3, 0u8..2, 0u8..3, 0i64..(8 * MINUTE_MS), 0u32..3), 1..400),
         batch in 1usize..50,
         crashes in prop::collection::vec(0usize..150, 0..6),
+        checkpoint_every in 1usize..4,
     ) {
         // Event times grow with jitter smaller than half the grace, so none is late.
         let input: Vec<(String, String, Action, i64, u32)> = events
@@ -261,7 +348,7 @@ proptest! {
                 .collect();
             let mut log = Changelog::default();
             let mut sink = Sink::default();
-            run_partition(p, &part, batch, &crashes, &mut log, &mut sink);
+            run_partition(p, &part, batch, &crashes, checkpoint_every, &mut log, &mut sink);
             // Readers apply final windows by identity, last record winning.
             for f in sink.finals {
                 last.insert((key_of(&f), f.partition), f.count);

@@ -10,9 +10,11 @@
 
 use crate::actors::SharedCtx;
 use crate::clock::system_now_ms;
-use crate::domain::changelog::{encode_count, Replayer, TxnMarker, META_KEY};
+use crate::domain::changelog::{Parts, Replayer, TxnMarker, META_KEY};
 use crate::domain::reaction::parse_reaction_view;
-use crate::domain::window::{BucketKey, FinalWindow, StateChange, WindowConfig, WindowEngine};
+use crate::domain::window::{
+    FinalWindow, PartChange, PartKey, WindowConfig, WindowEngine, WindowMeta,
+};
 use crate::io::store::{AggProgress, AggStateStore};
 use crate::io::{
     payload_text, GroupMember, OffsetCommit, OutRecord, PartitionReader, RecordRef, Txn, TxnWriter,
@@ -55,8 +57,8 @@ pub struct AggregatorState {
     /// flight, if any).
     next_from: u64,
     inflight: Option<InFlight>,
-    /// Committed changes not yet in the local checkpoint (latest per bucket).
-    unsaved: FxHashMap<BucketKey, Option<u64>>,
+    /// Committed changes not yet in the local checkpoint (latest per part).
+    unsaved: FxHashMap<PartKey, Option<Vec<u8>>>,
     last_checkpoint: Instant,
     /// The progress of the last checkpoint.
     saved: AggProgress,
@@ -85,21 +87,16 @@ struct Restored {
     records: u64,
 }
 
-/// Replay the changelog of `partition` from `from` into `engine` (whose
-/// state reflects input up to `input_offset`, written by `epoch`).
+/// Replay the changelog of `partition` from `from` onto `r`.
 async fn replay(
     ctx: &SharedCtx,
     partition: u32,
     from: u64,
-    engine: &mut WindowEngine,
-    committed: u64,
-    (input_offset, epoch): (u64, u64),
-    track: bool,
-) -> Result<ReplayOut, ActorProcessingErr> {
+    r: &mut Replayer,
+) -> Result<u64, ActorProcessingErr> {
     let mut reader = ctx
         .log
         .reader(&ctx.topics.aggregator_changelog, partition, from);
-    let mut r = Replayer::new(engine, committed, input_offset, epoch, track);
     let gauge = metrics::gauge!("smartmsg_aggregator_restore_records", "partition" => partition.to_string());
     let mut logged = Instant::now();
     loop {
@@ -121,40 +118,40 @@ async fn replay(
             );
         }
     }
-    let stats = r.stats.clone();
+    let stats = &r.stats;
     if stats.dropped_txns + stats.undone_txns + stats.unreadable > 0 {
         tracing::warn!(
             partition,
             ?stats,
-            "changelog held transactions that never committed"
+            "changelog held transactions that never committed or unreadable records"
         );
     }
-    Ok(ReplayOut {
-        input_offset: r.input_offset(),
-        epoch: r.epoch(),
-        position: reader.position(),
-        records: stats.records,
-        changed: r.changed(),
-    })
-}
-
-/// Where a changelog replay ended.
-struct ReplayOut {
-    /// Input offset the state reflects.
-    input_offset: u64,
-    /// Epoch of the last transaction applied.
-    epoch: u64,
-    /// Next changelog offset.
-    position: u64,
-    records: u64,
-    /// Buckets changed, with their counts (when tracked).
-    changed: Vec<StateChange>,
+    Ok(reader.position())
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::io::IoError> + Send + 'static,
 ) -> Result<T, ActorProcessingErr> {
     Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+/// The engine over replayed parts (unreadable part values are skipped,
+/// with a warning).
+fn engine_of(ctx: &SharedCtx, p: u32, meta: WindowMeta, parts: &Parts) -> WindowEngine {
+    let cfg = &ctx.cfg.aggregator;
+    let wcfg = WindowConfig {
+        grace_ms: cfg.grace_ms as i64,
+        hopping: cfg.hopping_enabled,
+    };
+    let (engine, unreadable) = WindowEngine::from_parts(wcfg, p, meta, parts);
+    if unreadable > 0 {
+        tracing::warn!(
+            partition = p,
+            unreadable,
+            "window state parts that cannot be read were skipped"
+        );
+    }
+    engine
 }
 
 /// Restore the window state of `partition`: from intact local state plus
@@ -165,11 +162,6 @@ async fn restore(
     store: &AggStateStore,
     committed: u64,
 ) -> Result<Restored, ActorProcessingErr> {
-    let cfg = &ctx.cfg.aggregator;
-    let wcfg = WindowConfig {
-        grace_ms: cfg.grace_ms as i64,
-        hopping: cfg.hopping_enabled,
-    };
     let local = {
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.load()).await? {
@@ -180,46 +172,42 @@ async fn restore(
             }
         }
     };
-    if let Some((buckets, progress)) = local {
+    if let Some((parts, progress)) = local {
         if progress.input_offset <= committed {
-            let mut engine = WindowEngine::new(wcfg, p);
-            for (k, c) in &buckets {
-                engine.restore(k, Some(*c));
-            }
-            engine.restore_meta(progress.window);
-            let out = replay(
-                ctx,
-                p,
-                progress.changelog_offset,
-                &mut engine,
+            let mut r = Replayer::new(
+                parts,
+                progress.window,
                 committed,
-                (progress.input_offset, progress.epoch),
+                progress.input_offset,
+                progress.epoch,
                 true,
-            )
-            .await?;
-            if out.input_offset == committed {
+            );
+            let position = replay(ctx, p, progress.changelog_offset, &mut r).await?;
+            if r.input_offset() == committed {
                 let progress = AggProgress {
-                    window: engine.meta(),
-                    input_offset: out.input_offset,
-                    changelog_offset: out.position,
-                    epoch: out.epoch,
+                    window: r.meta(),
+                    input_offset: r.input_offset(),
+                    changelog_offset: position,
+                    epoch: r.epoch(),
                 };
                 let s = store.clone();
-                let changed = out.changed;
+                let changed = r.changed();
                 blocking(move || s.apply(&changed, &progress)).await?;
+                let records = r.stats.records;
+                let meta = r.meta();
                 return Ok(Restored {
-                    engine,
-                    input_offset: out.input_offset,
-                    changelog_offset: out.position,
-                    epoch: out.epoch,
+                    engine: engine_of(ctx, p, meta, &r.into_parts()),
+                    input_offset: progress.input_offset,
+                    changelog_offset: position,
+                    epoch: progress.epoch,
                     full: false,
-                    records: out.records,
+                    records,
                 });
             }
             tracing::warn!(
                 partition = p,
                 local = progress.input_offset,
-                reached = out.input_offset,
+                reached = r.input_offset(),
                 committed,
                 "local window state and changelog do not reach the committed offset; rebuilding"
             );
@@ -228,27 +216,34 @@ async fn restore(
                 "local window state is ahead of the committed offset; rebuilding from the changelog");
         }
     }
-    let mut engine = WindowEngine::new(wcfg, p);
-    let out = replay(ctx, p, 0, &mut engine, committed, (0, 0), false).await?;
-    if out.input_offset != committed {
+    let empty = WindowEngine::new(
+        WindowConfig {
+            grace_ms: 0,
+            hopping: false,
+        },
+        p,
+    )
+    .meta();
+    let mut r = Replayer::new(Parts::new(), empty, committed, 0, 0, false);
+    let position = replay(ctx, p, 0, &mut r).await?;
+    if r.input_offset() != committed {
         tracing::error!(
             partition = p,
-            reached = out.input_offset,
+            reached = r.input_offset(),
             committed,
             "the changelog does not reach the committed input offset; reprocessing input from where it ends"
         );
     }
     let progress = AggProgress {
-        window: engine.meta(),
-        input_offset: out.input_offset,
-        changelog_offset: out.position,
-        epoch: out.epoch,
+        window: r.meta(),
+        input_offset: r.input_offset(),
+        changelog_offset: position,
+        epoch: r.epoch(),
     };
-    let snapshot: Vec<StateChange> = engine
-        .snapshot()
-        .into_iter()
-        .map(|(k, c)| (k, Some(c)))
-        .collect();
+    let records = r.stats.records;
+    let parts = r.into_parts();
+    let engine = engine_of(ctx, p, progress.window, &parts);
+    let snapshot: Vec<PartChange> = parts.into_iter().map(|(k, v)| (k, Some(v))).collect();
     let s = store.clone();
     blocking(move || {
         s.clear()?;
@@ -257,11 +252,11 @@ async fn restore(
     .await?;
     Ok(Restored {
         engine,
-        input_offset: out.input_offset,
-        changelog_offset: out.position,
-        epoch: out.epoch,
+        input_offset: progress.input_offset,
+        changelog_offset: position,
+        epoch: progress.epoch,
         full: true,
-        records: out.records,
+        records,
     })
 }
 
@@ -345,12 +340,12 @@ impl AggregatorState {
         let next = self.reader.position();
         let mut records: Vec<OutRecord> =
             Vec::with_capacity(changes.len() + finals.len() + self.dlq.len() + 1);
-        for (k, c) in &changes {
+        for (k, v) in &changes {
             records.push(OutRecord {
                 topic: ctx.topics.aggregator_changelog.clone(),
                 partition: Some(p),
                 key: Some(k.encode()),
-                value: encode_count(*c),
+                value: v.clone(),
             });
         }
         let marker_index = records.len();
@@ -439,7 +434,7 @@ struct InFlight {
     task: tokio::task::JoinHandle<Result<Vec<crate::io::Written>, crate::io::IoError>>,
     marker_index: usize,
     progress: AggProgress,
-    changes: Vec<StateChange>,
+    changes: Vec<PartChange>,
     finals: u64,
     counted: u64,
 }
@@ -449,11 +444,11 @@ impl AggregatorState {
     /// reflect, to the local state in one sled batch.
     async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
         self.last_checkpoint = Instant::now();
-        let mut changes: Vec<StateChange> = self.unsaved.drain().collect();
+        let mut changes: Vec<PartChange> = self.unsaved.drain().collect();
         if changes.is_empty() && self.store_is_current() {
             return Ok(());
         }
-        changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        changes.sort_unstable_by_key(|c| c.0);
         let store = self.store.clone();
         let progress = self.progress;
         blocking(move || store.apply(&changes, &progress)).await?;

@@ -1,8 +1,9 @@
-//! The aggregator's changelog: one record per changed window bucket (count,
-//! or a tombstone once no open window needs it) and, closing every
-//! transaction, a marker with the input offsets the transaction covers and
-//! its writer's epoch. Replaying it rebuilds the window state of the
-//! committed input prefix.
+//! The aggregator's changelog: the values of the window-state parts a
+//! transaction changed (`PartKey` → part value, or a tombstone once the
+//! minute is no longer needed) and, closing every transaction, a marker with
+//! the input offsets the transaction covers and its writer's epoch.
+//! Replaying it rebuilds the parts of the committed input prefix; the local
+//! store keeps the same parts, so a restore replays only the tail.
 //!
 //! Kafka hides aborted transactions from `read_committed` readers; some
 //! Kafka-protocol brokers do not (BROKERS.md), so the replay defends itself:
@@ -18,11 +19,15 @@
 //! offset); the surviving records are applied with the next marker, which is
 //! what compaction means.
 
-use crate::domain::window::{BucketKey, StateChange, WindowEngine, WindowMeta};
+use crate::domain::window::{PartChange, PartKey, WindowMeta};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Key of the per-transaction marker.
 pub const META_KEY: &[u8] = b"__meta";
+
+/// Window state as persisted: part values by key.
+pub type Parts = BTreeMap<PartKey, Vec<u8>>;
 
 /// The marker closing one changelog transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,20 +56,12 @@ impl TxnMarker {
     }
 }
 
-/// A bucket count as a changelog value (`None`: tombstone).
-pub fn encode_count(count: Option<u64>) -> Option<Vec<u8>> {
-    count.map(|c| c.to_be_bytes().to_vec())
-}
-
-fn decode_count(v: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(v.try_into().ok()?))
-}
-
 /// The transaction applied last, kept so that its redo can undo it.
 struct Applied {
     from: u64,
     epoch: u64,
-    before: Vec<StateChange>,
+    /// The values it replaced.
+    before: Vec<PartChange>,
     meta_before: WindowMeta,
     offset_before: u64,
 }
@@ -81,31 +78,35 @@ pub struct ReplayStats {
     pub unreadable: u64,
 }
 
-/// Replays changelog records into a `WindowEngine`.
-pub struct Replayer<'e> {
-    engine: &'e mut WindowEngine,
+/// Replays changelog records onto window-state parts.
+pub struct Replayer {
+    parts: Parts,
+    meta: WindowMeta,
     committed: u64,
     input_offset: u64,
     epoch: u64,
-    pending: Vec<StateChange>,
+    pending: Vec<PartChange>,
     last: Option<Applied>,
-    touched: Option<rustc_hash::FxHashSet<BucketKey>>,
+    touched: Option<rustc_hash::FxHashSet<PartKey>>,
     pub stats: ReplayStats,
 }
 
-impl<'e> Replayer<'e> {
-    /// `input_offset` / `epoch`: what the engine's state reflects already;
-    /// `committed`: the group's committed input offset. With `track`, the
-    /// keys changed are remembered (`changed`).
+impl Replayer {
+    /// `parts`, `meta`, `input_offset`, `epoch`: the state replayed onto
+    /// (empty for a rebuild) and what it reflects; `committed`: the group's
+    /// committed input offset. With `track`, the keys changed are
+    /// remembered (`changed`).
     pub fn new(
-        engine: &'e mut WindowEngine,
+        parts: Parts,
+        meta: WindowMeta,
         committed: u64,
         input_offset: u64,
         epoch: u64,
         track: bool,
     ) -> Self {
         Replayer {
-            engine,
+            parts,
+            meta,
             committed,
             input_offset,
             epoch,
@@ -129,16 +130,16 @@ impl<'e> Replayer<'e> {
             }
             return;
         }
-        let Some(k) = key.and_then(BucketKey::decode) else {
-            self.stats.unreadable += 1;
-            return;
-        };
-        match value {
-            None => self.pending.push((k, None)),
-            Some(v) => match decode_count(v) {
-                Some(c) => self.pending.push((k, Some(c))),
-                None => self.stats.unreadable += 1,
-            },
+        match key.and_then(PartKey::decode) {
+            Some(k) => self.pending.push((k, value.map(<[u8]>::to_vec))),
+            None => self.stats.unreadable += 1,
+        }
+    }
+
+    fn set(&mut self, k: PartKey, v: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        match v {
+            Some(v) => self.parts.insert(k, v),
+            None => self.parts.remove(&k),
         }
     }
 
@@ -151,19 +152,19 @@ impl<'e> Replayer<'e> {
         if let Some(last) = &self.last {
             if m.from == last.from && m.from < self.input_offset && m.epoch > last.epoch {
                 let last = self.last.take().expect("checked");
-                for (k, c) in last.before.iter().rev() {
-                    self.engine.restore(k, *c);
+                for (k, v) in last.before.into_iter().rev() {
+                    self.set(k, v);
                 }
-                self.engine.restore_meta(last.meta_before);
+                self.meta = last.meta_before;
                 self.input_offset = last.offset_before;
                 self.stats.undone_txns += 1;
             }
         }
         let pending = std::mem::take(&mut self.pending);
         let mut before = Vec::with_capacity(pending.len());
-        for (k, c) in pending {
-            before.push((k.clone(), self.engine.bucket(&k)));
-            self.engine.restore(&k, c);
+        for (k, v) in pending {
+            let old = self.set(k, v);
+            before.push((k, old));
             if let Some(t) = &mut self.touched {
                 t.insert(k);
             }
@@ -172,10 +173,10 @@ impl<'e> Replayer<'e> {
             from: m.from,
             epoch: m.epoch,
             before,
-            meta_before: self.engine.meta(),
+            meta_before: self.meta,
             offset_before: self.input_offset,
         });
-        self.engine.restore_meta(m.window());
+        self.meta = m.window();
         self.input_offset = m.input_offset;
         self.epoch = m.epoch;
         self.stats.applied_txns += 1;
@@ -191,18 +192,25 @@ impl<'e> Replayer<'e> {
         self.epoch
     }
 
-    /// The buckets changed by the replay with their current counts (when
+    /// Stream time and closed windows of the replayed state.
+    pub fn meta(&self) -> WindowMeta {
+        self.meta
+    }
+
+    /// The parts changed by the replay with their current values (when
     /// tracking), in key order.
-    pub fn changed(&self) -> Vec<StateChange> {
+    pub fn changed(&self) -> Vec<PartChange> {
         let Some(t) = &self.touched else {
             return Vec::new();
         };
-        let mut v: Vec<StateChange> = t
-            .iter()
-            .map(|k| (k.clone(), self.engine.bucket(k)))
-            .collect();
-        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut v: Vec<PartChange> = t.iter().map(|k| (*k, self.parts.get(k).cloned())).collect();
+        v.sort_unstable_by_key(|c| c.0);
         v
+    }
+
+    /// The replayed parts.
+    pub fn into_parts(self) -> Parts {
+        self.parts
     }
 }
 
@@ -210,32 +218,35 @@ impl<'e> Replayer<'e> {
 mod tests {
     use super::*;
     use crate::domain::reaction::Action;
-    use crate::domain::window::WindowConfig;
+    use crate::domain::window::{decode_part, encode_part, PartEntry};
 
-    fn key(minute: i64) -> BucketKey {
-        BucketKey {
-            campaign_id: "c".into(),
-            creative_id: "a".into(),
-            action: Action::Click,
-            minute,
-        }
+    fn key(minute: i64) -> PartKey {
+        PartKey { minute, part: 0 }
     }
 
-    fn engine() -> WindowEngine {
-        WindowEngine::new(
-            WindowConfig {
-                grace_ms: 0,
-                hopping: false,
-            },
-            0,
+    /// A part holding one bucket ("c", "a", click) with `count`.
+    fn value(count: u64) -> Vec<u8> {
+        encode_part(
+            1,
+            &[PartEntry {
+                campaign_id: "c",
+                creative_id: "a",
+                action: Action::Click,
+                count,
+            }],
         )
+    }
+
+    fn count(parts: &Parts, minute: i64) -> Option<u64> {
+        let v = parts.get(&key(minute))?;
+        Some(decode_part(v).unwrap().1[0].count)
     }
 
     struct Log(Vec<(Vec<u8>, Option<Vec<u8>>)>);
     impl Log {
         fn txn(&mut self, changes: &[(i64, Option<u64>)], from: u64, to: u64, epoch: u64) {
             for (m, c) in changes {
-                self.0.push((key(*m).encode(), encode_count(*c)));
+                self.0.push((key(*m).encode(), c.map(value)));
             }
             let marker = TxnMarker {
                 stream_time: to as i64,
@@ -246,14 +257,13 @@ mod tests {
             };
             self.0.push((META_KEY.to_vec(), Some(marker.encode())));
         }
-        fn replay(&self, committed: u64) -> (WindowEngine, u64, ReplayStats) {
-            let mut e = engine();
-            let mut r = Replayer::new(&mut e, committed, 0, 0, false);
+        fn replay(&self, committed: u64) -> (Parts, u64, ReplayStats) {
+            let mut r = Replayer::new(Parts::new(), WindowMeta::default(), committed, 0, 0, false);
             for (k, v) in &self.0 {
                 r.record(Some(k), v.as_deref());
             }
             let (off, stats) = (r.input_offset(), r.stats.clone());
-            (e, off, stats)
+            (r.into_parts(), off, stats)
         }
     }
 
@@ -262,32 +272,28 @@ mod tests {
         let mut log = Log(Vec::new());
         log.txn(&[(0, Some(2))], 0, 10, 1);
         log.txn(&[(0, Some(5)), (60_000, Some(1))], 10, 20, 1);
-        let (e, off, stats) = log.replay(10);
+        let (parts, off, stats) = log.replay(10);
         assert_eq!(off, 10);
-        assert_eq!(e.bucket(&key(0)), Some(2));
-        assert_eq!(e.bucket(&key(60_000)), None);
+        assert_eq!(count(&parts, 0), Some(2));
+        assert_eq!(count(&parts, 60_000), None);
         assert_eq!(stats.dropped_txns, 1);
     }
 
     #[test]
     fn an_aborted_transaction_shown_to_readers_is_undone_by_its_redo() {
         // Epoch 1 commits [0,10), then crashes in [10,20) after writing a
-        // bucket the redo never writes (e.g. an idle close); epoch 2 redoes
+        // part the redo never writes (e.g. an idle close); epoch 2 redoes
         // [10,15) and [15,20): all committed is epoch 1's first and epoch 2's.
         let mut log = Log(Vec::new());
         log.txn(&[(0, Some(2)), (60_000, Some(1))], 0, 10, 1);
         log.txn(&[(0, None), (60_000, Some(3))], 10, 20, 1);
         log.txn(&[(60_000, Some(2))], 10, 15, 2);
         log.txn(&[(120_000, Some(1))], 15, 20, 2);
-        let (e, off, stats) = log.replay(20);
+        let (parts, off, stats) = log.replay(20);
         assert_eq!(off, 20);
-        assert_eq!(
-            e.bucket(&key(0)),
-            Some(2),
-            "the aborted tombstone is undone"
-        );
-        assert_eq!(e.bucket(&key(60_000)), Some(2));
-        assert_eq!(e.bucket(&key(120_000)), Some(1));
+        assert_eq!(count(&parts, 0), Some(2), "the aborted tombstone is undone");
+        assert_eq!(count(&parts, 60_000), Some(2));
+        assert_eq!(count(&parts, 120_000), Some(1));
         assert_eq!(stats.undone_txns, 1);
     }
 
@@ -297,19 +303,39 @@ mod tests {
         log.txn(&[(0, Some(2))], 0, 10, 1);
         log.txn(&[(0, Some(4))], 10, 20, 3);
         log.txn(&[(0, Some(3))], 10, 15, 2); // the old owner, fenced
-        let (e, off, stats) = log.replay(20);
-        assert_eq!((off, e.bucket(&key(0))), (20, Some(4)));
+        let (parts, off, stats) = log.replay(20);
+        assert_eq!((off, count(&parts, 0)), (20, Some(4)));
         assert_eq!(stats.dropped_txns, 1);
     }
 
     #[test]
     fn compaction_gaps_apply_the_surviving_records() {
         let mut log = Log(Vec::new());
-        log.0.push((key(0).encode(), encode_count(Some(7))));
+        log.0.push((key(0).encode(), Some(value(7))));
         log.txn(&[(60_000, Some(1))], 30, 40, 5);
-        let (e, off, _) = log.replay(40);
+        let (parts, off, _) = log.replay(40);
         assert_eq!(off, 40);
-        assert_eq!(e.bucket(&key(0)), Some(7));
-        assert_eq!(e.bucket(&key(60_000)), Some(1));
+        assert_eq!(count(&parts, 0), Some(7));
+        assert_eq!(count(&parts, 60_000), Some(1));
+    }
+
+    #[test]
+    fn a_tail_replay_reports_what_it_changed() {
+        let mut log = Log(Vec::new());
+        log.txn(&[(0, Some(2))], 0, 10, 1);
+        let (parts, _, _) = log.replay(10);
+        let mut tail = Log(Vec::new());
+        tail.txn(&[(0, None), (60_000, Some(4))], 10, 20, 1);
+        let mut r = Replayer::new(parts, WindowMeta::default(), 20, 10, 1, true);
+        for (k, v) in &tail.0 {
+            r.record(Some(k), v.as_deref());
+        }
+        assert_eq!(r.input_offset(), 20);
+        assert_eq!(
+            r.changed(),
+            vec![(key(0), None), (key(60_000), Some(value(4)))]
+        );
+        r.record(Some(b"junk"), Some(b"x"));
+        assert_eq!(r.stats.unreadable, 1);
     }
 }

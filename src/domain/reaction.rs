@@ -31,6 +31,9 @@ impl Action {
     }
 }
 
+/// Ids are non-empty UTF-8 strings of at most this many bytes (CONTRACT.md).
+pub const MAX_ID_BYTES: usize = 128;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reaction {
     pub event_id: String,
@@ -123,6 +126,8 @@ fn integer(b: &[u8], i: &mut usize) -> Option<i64> {
     let digits = *i - start;
     if digits == 0
         || (digits > 1 && b[start] == b'0')
+        // serde_json reads `-0` as a float
+        || (neg && v == 0)
         || matches!(b.get(*i), Some(b'.' | b'e' | b'E'))
     {
         return None;
@@ -219,10 +224,11 @@ pub fn parse_reaction_view(value: Option<&[u8]>) -> Result<ReactionView<'_>, Str
     // string as `from_slice` does.
     if let Some(Ok(text)) = value.map(std::str::from_utf8) {
         if let Some(f) = scan(text).or_else(|| serde_json::from_str::<Fast>(text).ok()) {
-            let all_set = !(f.event_id.is_empty()
-                || f.campaign_id.is_empty()
-                || f.creative_id.is_empty()
-                || f.user_id.is_empty());
+            let id_ok = |s: &str| !s.is_empty() && s.len() <= MAX_ID_BYTES;
+            let all_set = id_ok(f.event_id)
+                && id_ok(f.campaign_id)
+                && id_ok(f.creative_id)
+                && id_ok(f.user_id);
             if all_set && f.ts >= 0 {
                 return Ok(ReactionView {
                     event_id: Cow::Borrowed(f.event_id),
@@ -258,6 +264,9 @@ pub fn parse_reaction(value: Option<&[u8]>) -> Result<Reaction, String> {
         .ok_or_else(|| "invalid: value is not a JSON object".to_string())?;
     let s = |f: &str| -> Result<String, String> {
         match obj.get(f) {
+            Some(Value::String(s)) if s.len() > MAX_ID_BYTES => {
+                Err(format!("invalid: {f} is longer than {MAX_ID_BYTES} bytes"))
+            }
             Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
             Some(Value::String(_)) => Err(format!("invalid: {f} is empty")),
             None | Some(Value::Null) => Err(format!("invalid: {f} is missing")),
@@ -323,12 +332,25 @@ mod tests {
             (br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":-1}"#, "ts"),
             (br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1.5}"#, "ts"),
             (br#"{"event_id":"","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1}"#, "event_id"),
+            (format!(r#"{{"event_id":"e","campaign_id":"{}","creative_id":"a","user_id":"u","action":"send","ts":1}}"#, "c".repeat(129)).leak().as_bytes(), "campaign_id is longer than 128 bytes"),
         ];
         for (b, want) in bad {
             let e = parse_reaction(Some(b)).unwrap_err();
             assert!(e.contains(want), "{e} should mention {want}");
         }
         assert!(parse_reaction(None).unwrap_err().contains("null"));
+        let with_id = |n: usize| {
+            format!(
+                r#"{{"event_id":"e","campaign_id":"c","creative_id":"{}","user_id":"u","action":"send","ts":1}}"#,
+                "é".repeat(n)
+            )
+        };
+        assert!(
+            parse_reaction_view(Some(with_id(64).as_bytes())).is_ok(),
+            "128 bytes"
+        );
+        let e = parse_reaction_view(Some(with_id(65).as_bytes())).unwrap_err();
+        assert!(e.contains("creative_id is longer than 128 bytes"), "{e}");
     }
 
     /// JSON-ish pieces for the scanner's property test: keys of the

@@ -55,44 +55,182 @@ impl WindowKind {
     }
 }
 
-/// The unit of window state: the count of one (campaign, creative, action)
-/// in one event-time minute of one input partition. A tumbling window is
-/// one bucket; a hopping window is the sum of the five buckets it spans, so
-/// an event updates one counter and one changelog record whatever the
-/// number of windows it falls into.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BucketKey {
-    pub campaign_id: Arc<str>,
-    pub creative_id: Arc<str>,
-    pub action: Action,
+/// Key of one part of a minute's window state, in the changelog and the
+/// local store: `w/<minute>/<part>`.
+///
+/// The state of one input partition is a count per (campaign, creative,
+/// action, event-time minute) — a tumbling window is one bucket, a
+/// 5-minute hopping window the sum of five. A minute's buckets are
+/// persisted as a few values ("parts", by a hash of the bucket's series and
+/// action), not one record per bucket: a transaction writes each changed
+/// part once, so the changelog carries a few records per minute and
+/// transaction whatever the number of events. A minute starts with one
+/// part and doubles its parts whenever it holds more than
+/// `PART_ENTRIES` buckets per part, so a value stays far below the
+/// broker's record size limit (ids are at most 128 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartKey {
     /// Start of the minute, ms.
     pub minute: i64,
+    pub part: u32,
 }
 
-impl BucketKey {
-    /// Unambiguous byte encoding (a JSON array), used as sled and changelog key.
+impl PartKey {
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(&(
-            &*self.campaign_id,
-            &*self.creative_id,
-            self.action.as_str(),
-            self.minute,
-        ))
-        .expect("serialisable")
+        format!("w/{}/{}", self.minute, self.part).into_bytes()
     }
-    pub fn decode(b: &[u8]) -> Option<BucketKey> {
-        let (campaign_id, creative_id, action, minute): (String, String, String, i64) =
-            serde_json::from_slice(b).ok()?;
-        if minute.rem_euclid(MINUTE_MS) != 0 {
-            return None;
+    /// The key, if `b` is the canonical encoding of one.
+    pub fn decode(b: &[u8]) -> Option<PartKey> {
+        let (m, p) = std::str::from_utf8(b)
+            .ok()?
+            .strip_prefix("w/")?
+            .split_once('/')?;
+        let k = PartKey {
+            minute: m.parse().ok()?,
+            part: p.parse().ok()?,
+        };
+        (k.minute.rem_euclid(MINUTE_MS) == 0 && k.encode() == b).then_some(k)
+    }
+}
+
+/// Buckets per part before a minute doubles its parts.
+pub const PART_ENTRIES: usize = 1024;
+const PART_FORMAT: u8 = 1;
+const PART_HEADER: usize = 9;
+
+/// One bucket in a part value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartEntry<'a> {
+    pub campaign_id: &'a str,
+    pub creative_id: &'a str,
+    pub action: Action,
+    pub count: u64,
+}
+
+fn action_code(a: Action) -> u8 {
+    match a {
+        Action::Send => 0,
+        Action::Impression => 1,
+        Action::Click => 2,
+    }
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+fn get_varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*i)?;
+        *i += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
         }
-        Some(BucketKey {
-            campaign_id: campaign_id.into(),
-            creative_id: creative_id.into(),
-            action: Action::parse(&action)?,
-            minute,
-        })
     }
+    None
+}
+
+fn get_str<'a>(b: &'a [u8], i: &mut usize) -> Option<&'a str> {
+    let n = usize::try_from(get_varint(b, i)?).ok()?;
+    let s = std::str::from_utf8(b.get(*i..i.checked_add(n)?)?).ok()?;
+    *i += n;
+    Some(s)
+}
+
+/// A part value: format byte, the minute's part count and the number of
+/// entries (u32 LE each), then per entry campaign and creative (varint
+/// length + UTF-8), action (one byte) and count (varint).
+fn start_part(parts: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(256);
+    v.push(PART_FORMAT);
+    v.extend_from_slice(&parts.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+fn put_entry(buf: &mut Vec<u8>, e: PartEntry<'_>) {
+    put_varint(buf, e.campaign_id.len() as u64);
+    buf.extend_from_slice(e.campaign_id.as_bytes());
+    put_varint(buf, e.creative_id.len() as u64);
+    buf.extend_from_slice(e.creative_id.as_bytes());
+    buf.push(action_code(e.action));
+    put_varint(buf, e.count);
+    let n = u32::from_le_bytes(buf[5..9].try_into().expect("header")) + 1;
+    buf[5..9].copy_from_slice(&n.to_le_bytes());
+}
+
+/// Encode a part value (tests and tools; the engine builds them in place).
+pub fn encode_part(parts: u32, entries: &[PartEntry<'_>]) -> Vec<u8> {
+    let mut v = start_part(parts);
+    for e in entries {
+        put_entry(&mut v, *e);
+    }
+    v
+}
+
+/// Decode a part value: the minute's part count and the entries (`None`
+/// if it is not one).
+pub fn decode_part(b: &[u8]) -> Option<(u32, Vec<PartEntry<'_>>)> {
+    if b.len() < PART_HEADER || b[0] != PART_FORMAT {
+        return None;
+    }
+    let parts = u32::from_le_bytes(b[1..5].try_into().ok()?);
+    let n = u32::from_le_bytes(b[5..9].try_into().ok()?) as usize;
+    if parts == 0 || !parts.is_power_of_two() || n > b.len() {
+        return None;
+    }
+    let mut i = PART_HEADER;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let campaign_id = get_str(b, &mut i)?;
+        let creative_id = get_str(b, &mut i)?;
+        let action = match *b.get(i)? {
+            0 => Action::Send,
+            1 => Action::Impression,
+            2 => Action::Click,
+            _ => return None,
+        };
+        i += 1;
+        let count = get_varint(b, &mut i)?;
+        out.push(PartEntry {
+            campaign_id,
+            creative_id,
+            action,
+            count,
+        });
+    }
+    (i == b.len()).then_some((parts, out))
+}
+
+/// A stable 64-bit hash of a (campaign, creative) series (FNV-1a): part
+/// layouts must not depend on the process or the library version.
+fn series_hash(campaign: &str, creative: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in campaign
+        .as_bytes()
+        .iter()
+        .chain(&[0xff])
+        .chain(creative.as_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The part hash of a bucket's series and action (a splitmix64 finaliser,
+/// so that the low bits are well mixed).
+fn slot_hash(series: u64, action: Action) -> u64 {
+    let mut z = series ^ (u64::from(action_code(action)) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// A closed window's final count for one input partition.
@@ -138,19 +276,13 @@ pub struct WindowMeta {
     pub closed_until: i64,
 }
 
-/// One state change to persist: the count of a bucket, or `None` once it
-/// is no longer needed by any open window (a tombstone).
-pub type StateChange = (BucketKey, Option<u64>);
+/// One change to persist: a part's new value, or `None` once its minute is
+/// no longer needed by any open window (a tombstone).
+pub type PartChange = (PartKey, Option<Vec<u8>>);
 
 /// A (campaign, creative) series id, local to one engine.
 type SeriesId = u32;
 type Slot = (SeriesId, Action);
-
-#[derive(Debug, Clone, Copy)]
-struct Cell {
-    count: u64,
-    dirty: bool,
-}
 
 /// Reference count of a free series id.
 const FREED: u32 = u32::MAX;
@@ -162,6 +294,7 @@ const FREED: u32 = u32::MAX;
 struct Series {
     ids: FxHashMap<Box<str>, FxHashMap<Box<str>, SeriesId>>,
     names: Vec<(Arc<str>, Arc<str>)>,
+    hashes: Vec<u64>,
     refs: Vec<u32>,
     free: Vec<SeriesId>,
     unreferenced: usize,
@@ -173,14 +306,17 @@ impl Series {
             return *id;
         }
         let names = (Arc::<str>::from(campaign), Arc::<str>::from(creative));
+        let hash = series_hash(campaign, creative);
         let id = match self.free.pop() {
             Some(id) => {
                 self.names[id as usize] = names;
+                self.hashes[id as usize] = hash;
                 self.refs[id as usize] = 0;
                 id
             }
             None => {
                 self.names.push(names);
+                self.hashes.push(hash);
                 self.refs.push(0);
                 (self.names.len() - 1) as SeriesId
             }
@@ -236,6 +372,37 @@ impl Series {
     fn len(&self) -> usize {
         self.names.len() - self.free.len()
     }
+
+    fn part(&self, (s, action): Slot, parts: u32) -> usize {
+        (slot_hash(self.hashes[s as usize], action) & u64::from(parts - 1)) as usize
+    }
+}
+
+/// The buckets of one event-time minute and what of them awaits persisting.
+#[derive(Debug)]
+struct Minute {
+    cells: FxHashMap<Slot, u64>,
+    /// Parts of its persisted layout (a power of two).
+    parts: u32,
+    /// Parts changed since the last `take_changes`.
+    dirty: Vec<bool>,
+    /// Every part is to be written (the layout grew, or the minute was
+    /// restored: a layout written by another version is replaced whole).
+    rewrite: bool,
+    /// Listed in the engine's changed minutes.
+    listed: bool,
+}
+
+impl Minute {
+    fn new() -> Self {
+        Minute {
+            cells: FxHashMap::default(),
+            parts: 1,
+            dirty: vec![false],
+            rewrite: false,
+            listed: false,
+        }
+    }
 }
 
 /// Open windows of one input partition.
@@ -243,13 +410,14 @@ impl Series {
 pub struct WindowEngine {
     cfg: WindowConfig,
     partition: u32,
+    part_entries: usize,
     series: Series,
-    /// Minute start -> counts of that minute.
-    minutes: BTreeMap<i64, FxHashMap<Slot, Cell>>,
+    minutes: BTreeMap<i64, Minute>,
     buckets: usize,
     meta: WindowMeta,
-    dirty: Vec<(i64, Slot)>,
-    tombstones: Vec<BucketKey>,
+    /// Minutes changed since the last `take_changes`.
+    changed: Vec<i64>,
+    tombstones: Vec<PartKey>,
     finals: Vec<FinalWindow>,
 }
 
@@ -258,6 +426,7 @@ impl WindowEngine {
         WindowEngine {
             cfg,
             partition,
+            part_entries: PART_ENTRIES,
             series: Series::default(),
             minutes: BTreeMap::new(),
             buckets: 0,
@@ -265,10 +434,52 @@ impl WindowEngine {
                 stream_time: -1,
                 closed_until: i64::MIN,
             },
-            dirty: Vec::new(),
+            changed: Vec::new(),
             tombstones: Vec::new(),
             finals: Vec::new(),
         }
+    }
+
+    /// Buckets per part before a minute doubles its parts (tests use small
+    /// values to exercise the growth).
+    pub fn with_part_entries(mut self, n: usize) -> Self {
+        self.part_entries = n.max(1);
+        self
+    }
+
+    /// The engine whose state is `parts` (a replayed changelog or the local
+    /// store) at `meta`. Returns it and the number of unreadable values
+    /// (skipped).
+    pub fn from_parts<'a>(
+        cfg: WindowConfig,
+        partition: u32,
+        meta: WindowMeta,
+        parts: impl IntoIterator<Item = (&'a PartKey, &'a Vec<u8>)>,
+    ) -> (Self, u64) {
+        let mut e = WindowEngine::new(cfg, partition);
+        e.meta = meta;
+        let mut unreadable = 0;
+        for (k, v) in parts {
+            let Some((n, entries)) = decode_part(v) else {
+                unreadable += 1;
+                continue;
+            };
+            let m = e.minutes.entry(k.minute).or_insert_with(Minute::new);
+            m.parts = m.parts.max(n);
+            m.rewrite = true;
+            for en in entries {
+                let s = e.series.intern(en.campaign_id, en.creative_id);
+                if m.cells.insert((s, en.action), en.count).is_none() {
+                    e.series.retain(s);
+                    e.buckets += 1;
+                }
+            }
+        }
+        for m in e.minutes.values_mut() {
+            m.dirty = vec![false; m.parts as usize];
+        }
+        e.series.collect();
+        (e, unreadable)
     }
 
     pub fn meta(&self) -> WindowMeta {
@@ -291,16 +502,6 @@ impl WindowEngine {
             WindowKind::Hopping5m1m.size_ms()
         } else {
             WindowKind::Tumbling1m.size_ms()
-        }
-    }
-
-    fn key(&self, minute: i64, (s, action): Slot) -> BucketKey {
-        let (c, a) = &self.series.names[s as usize];
-        BucketKey {
-            campaign_id: c.clone(),
-            creative_id: a.clone(),
-            action,
-            minute,
         }
     }
 
@@ -328,27 +529,26 @@ impl WindowEngine {
         }
         let s = self.series.intern(campaign, creative);
         let slot = (s, action);
-        let cells = self.minutes.entry(minute).or_default();
-        match cells.get_mut(&slot) {
-            Some(c) => {
-                c.count += 1;
-                if !c.dirty {
-                    c.dirty = true;
-                    self.dirty.push((minute, slot));
-                }
-            }
+        let m = self.minutes.entry(minute).or_insert_with(Minute::new);
+        match m.cells.get_mut(&slot) {
+            Some(c) => *c += 1,
             None => {
-                cells.insert(
-                    slot,
-                    Cell {
-                        count: 1,
-                        dirty: true,
-                    },
-                );
+                m.cells.insert(slot, 1);
                 self.series.retain(s);
                 self.buckets += 1;
-                self.dirty.push((minute, slot));
+                if m.cells.len() > m.parts as usize * self.part_entries {
+                    m.parts *= 2;
+                    m.dirty = vec![false; m.parts as usize];
+                    m.rewrite = true;
+                }
             }
+        }
+        if !m.rewrite {
+            m.dirty[self.series.part(slot, m.parts)] = true;
+        }
+        if !m.listed {
+            m.listed = true;
+            self.changed.push(minute);
         }
         if ts > self.meta.stream_time {
             self.meta.stream_time = ts;
@@ -384,13 +584,14 @@ impl WindowEngine {
             return;
         }
         let mut out: Vec<(WindowKind, i64, Slot, u64)> = Vec::new();
-        for (&m, cells) in &self.minutes {
+        for (&m, minute) in &self.minutes {
             let end = m + MINUTE_MS;
             if end > old && end <= until {
                 out.extend(
-                    cells
+                    minute
+                        .cells
                         .iter()
-                        .map(|(slot, c)| (WindowKind::Tumbling1m, m, *slot, c.count)),
+                        .map(|(slot, c)| (WindowKind::Tumbling1m, m, *slot, *c)),
                 );
             }
         }
@@ -410,9 +611,9 @@ impl WindowEngine {
             let mut sums: FxHashMap<Slot, u64> = FxHashMap::default();
             for s in starts {
                 sums.clear();
-                for (_, cells) in self.minutes.range(s..s + size) {
-                    for (slot, c) in cells {
-                        *sums.entry(*slot).or_default() += c.count;
+                for (_, minute) in self.minutes.range(s..s + size) {
+                    for (slot, c) in &minute.cells {
+                        *sums.entry(*slot).or_default() += *c;
                     }
                 }
                 out.extend(
@@ -428,10 +629,10 @@ impl WindowEngine {
         let keep_from = until - self.span() + 1;
         let rest = self.minutes.split_off(&keep_from);
         let gone = std::mem::replace(&mut self.minutes, rest);
-        for (m, cells) in gone {
-            for (slot, _) in cells {
-                let key = self.key(m, slot);
-                self.tombstones.push(key);
+        for (m, minute) in gone {
+            self.tombstones
+                .extend((0..minute.parts).map(|part| PartKey { minute: m, part }));
+            for (slot, _) in minute.cells {
                 self.series.release(slot.0);
                 self.buckets -= 1;
             }
@@ -446,27 +647,50 @@ impl WindowEngine {
 
     /// Whether anything awaits persisting.
     pub fn has_changes(&self) -> bool {
-        !self.dirty.is_empty() || !self.tombstones.is_empty() || !self.finals.is_empty()
+        !self.changed.is_empty() || !self.tombstones.is_empty() || !self.finals.is_empty()
     }
 
-    /// Take what changed since the last call: state changes (count or
-    /// tombstone, sorted for determinism) and closed windows (sorted).
-    pub fn take_changes(&mut self) -> (Vec<StateChange>, Vec<FinalWindow>) {
-        let mut changes: Vec<StateChange> =
-            Vec::with_capacity(self.dirty.len() + self.tombstones.len());
-        let dirty = std::mem::take(&mut self.dirty);
-        for (m, slot) in &dirty {
-            let Some(cell) = self.minutes.get_mut(m).and_then(|c| c.get_mut(slot)) else {
-                continue; // dropped since: its tombstone follows
+    /// Take what changed since the last call: the changed parts' values and
+    /// the tombstones of dropped minutes (sorted by key), and the closed
+    /// windows (sorted).
+    pub fn take_changes(&mut self) -> (Vec<PartChange>, Vec<FinalWindow>) {
+        let mut changes: Vec<PartChange> = Vec::new();
+        for minute in std::mem::take(&mut self.changed) {
+            let Some(m) = self.minutes.get_mut(&minute) else {
+                continue; // dropped since: its tombstones follow
             };
-            cell.dirty = false;
-            let count = cell.count;
-            changes.push((self.key(*m, *slot), Some(count)));
+            m.listed = false;
+            let mut values: Vec<Option<Vec<u8>>> = (0..m.parts as usize)
+                .map(|p| (m.rewrite || m.dirty[p]).then(|| start_part(m.parts)))
+                .collect();
+            for (slot, count) in &m.cells {
+                if let Some(buf) = &mut values[self.series.part(*slot, m.parts)] {
+                    let (c, a) = &self.series.names[slot.0 as usize];
+                    put_entry(
+                        buf,
+                        PartEntry {
+                            campaign_id: c,
+                            creative_id: a,
+                            action: slot.1,
+                            count: *count,
+                        },
+                    );
+                }
+            }
+            for (part, v) in values.into_iter().enumerate() {
+                if let Some(v) = v {
+                    let key = PartKey {
+                        minute,
+                        part: part as u32,
+                    };
+                    changes.push((key, Some(v)));
+                }
+            }
+            m.dirty.iter_mut().for_each(|d| *d = false);
+            m.rewrite = false;
         }
-        self.dirty = dirty;
-        self.dirty.clear();
         changes.extend(self.tombstones.drain(..).map(|k| (k, None)));
-        changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        changes.sort_unstable_by_key(|c| c.0);
         self.series.collect();
         let mut finals = std::mem::take(&mut self.finals);
         finals.sort_by(|a, b| {
@@ -488,63 +712,29 @@ impl WindowEngine {
         (changes, finals)
     }
 
-    /// Set one bucket (from local state or the changelog); `None` drops it.
-    pub fn restore(&mut self, key: &BucketKey, count: Option<u64>) {
-        let s = self.series.intern(&key.campaign_id, &key.creative_id);
-        let slot = (s, key.action);
-        let cells = self.minutes.entry(key.minute).or_default();
-        let had = match count {
-            Some(c) => cells
-                .insert(
-                    slot,
-                    Cell {
-                        count: c,
-                        dirty: false,
-                    },
-                )
-                .is_some(),
-            None => cells.remove(&slot).is_some(),
-        };
-        let empty = cells.is_empty();
-        if empty {
-            self.minutes.remove(&key.minute);
-        }
-        match (had, count.is_some()) {
-            (false, true) => {
-                self.series.retain(s);
-                self.buckets += 1;
-            }
-            (true, false) => {
-                self.series.release(s);
-                self.buckets -= 1;
-            }
-            _ => {}
-        }
-    }
-
     /// The current count of a bucket, if held.
-    pub fn bucket(&self, key: &BucketKey) -> Option<u64> {
+    pub fn bucket(
+        &self,
+        campaign: &str,
+        creative: &str,
+        action: Action,
+        minute: i64,
+    ) -> Option<u64> {
         let s = self
             .series
             .ids
-            .get(&*key.campaign_id)
-            .and_then(|m| m.get(&*key.creative_id))?;
-        self.minutes
-            .get(&key.minute)?
-            .get(&(*s, key.action))
-            .map(|c| c.count)
+            .get(campaign)
+            .and_then(|m| m.get(creative))?;
+        self.minutes.get(&minute)?.cells.get(&(*s, action)).copied()
     }
 
-    pub fn restore_meta(&mut self, meta: WindowMeta) {
-        self.meta = meta;
-    }
-
-    /// All buckets (for persisting a full snapshot / tests), sorted.
-    pub fn snapshot(&self) -> Vec<(BucketKey, u64)> {
+    /// All buckets as (campaign, creative, action, minute, count), sorted.
+    pub fn buckets(&self) -> Vec<(String, String, Action, i64, u64)> {
         let mut v = Vec::with_capacity(self.buckets);
-        for (m, cells) in &self.minutes {
-            for (slot, c) in cells {
-                v.push((self.key(*m, *slot), c.count));
+        for (m, minute) in &self.minutes {
+            for ((s, action), c) in &minute.cells {
+                let (cp, cr) = &self.series.names[*s as usize];
+                v.push((cp.to_string(), cr.to_string(), *action, *m, *c));
             }
         }
         v.sort();
@@ -640,13 +830,119 @@ mod tests {
     }
 
     #[test]
-    fn key_encoding_round_trips() {
-        let k = BucketKey {
-            campaign_id: "c\"[,".into(),
-            creative_id: "é".into(),
-            action: Action::Impression,
+    fn part_keys_and_values_round_trip() {
+        let k = PartKey {
             minute: 120_000,
+            part: 3,
         };
-        assert_eq!(BucketKey::decode(&k.encode()), Some(k));
+        assert_eq!(k.encode(), b"w/120000/3");
+        assert_eq!(PartKey::decode(&k.encode()), Some(k));
+        for bad in [
+            &b"w/120001/3"[..],
+            b"w/0120000/3",
+            b"w/120000/",
+            b"x/0/0",
+            b"w/0/-1",
+        ] {
+            assert_eq!(
+                PartKey::decode(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let entries = [
+            PartEntry {
+                campaign_id: "c\"[,",
+                creative_id: "é",
+                action: Action::Impression,
+                count: 300,
+            },
+            PartEntry {
+                campaign_id: "c",
+                creative_id: "a",
+                action: Action::Click,
+                count: u64::MAX,
+            },
+        ];
+        let v = encode_part(4, &entries);
+        assert_eq!(decode_part(&v), Some((4, entries.to_vec())));
+        assert_eq!(decode_part(&v[..v.len() - 1]), None, "truncated");
+        let mut longer = v.clone();
+        longer.push(0);
+        assert_eq!(decode_part(&longer), None, "trailing bytes");
+        assert_eq!(
+            decode_part(&encode_part(3, &entries)),
+            None,
+            "parts not a power of two"
+        );
+    }
+
+    #[test]
+    fn a_minute_splits_into_parts_as_it_grows_and_writes_only_changed_parts() {
+        let mut e = WindowEngine::new(
+            WindowConfig {
+                grace_ms: 0,
+                hopping: false,
+            },
+            0,
+        )
+        .with_part_entries(4);
+        let ingest = |e: &mut WindowEngine, c: usize| {
+            e.ingest_parts(&format!("c{c}"), "a", Action::Send, 10)
+                .unwrap();
+        };
+        for c in 0..4 {
+            ingest(&mut e, c);
+        }
+        let (changes, _) = e.take_changes();
+        assert_eq!(changes.len(), 1, "one part while small");
+        for c in 4..40 {
+            ingest(&mut e, c);
+        }
+        let (changes, _) = e.take_changes();
+        assert_eq!(
+            changes.len(),
+            16,
+            "40 buckets, at most 4 per part on average: 16 parts, all written"
+        );
+        let total: usize = changes
+            .iter()
+            .map(|(k, v)| {
+                let (n, entries) = decode_part(v.as_ref().unwrap()).unwrap();
+                assert_eq!((k.minute, n), (0, 16));
+                entries.len()
+            })
+            .sum();
+        assert_eq!(total, 40);
+        ingest(&mut e, 7);
+        let (changes, _) = e.take_changes();
+        assert_eq!(changes.len(), 1, "only the changed part");
+        // Restored from its parts, the engine holds the same buckets and
+        // rewrites every part of a minute on its next change.
+        let mut all: BTreeMap<PartKey, Vec<u8>> = BTreeMap::new();
+        let (c0, _) = {
+            let mut e2 = WindowEngine::new(e.cfg, 0).with_part_entries(4);
+            for c in 0..40 {
+                ingest(&mut e2, c);
+            }
+            ingest(&mut e2, 7);
+            e2.take_changes()
+        };
+        for (k, v) in c0 {
+            all.insert(k, v.unwrap());
+        }
+        let (mut r, unreadable) = WindowEngine::from_parts(e.cfg, 0, e.meta(), &all);
+        assert_eq!(unreadable, 0);
+        assert_eq!(r.buckets(), e.buckets());
+        assert_eq!(r.bucket("c7", "a", Action::Send, 0), Some(2));
+        ingest(&mut r, 1);
+        assert_eq!(r.take_changes().0.len(), 16);
+        // Closing the minute tombstones every part.
+        e.idle_close(MINUTE_MS);
+        let (changes, finals) = e.take_changes();
+        assert_eq!(finals.len(), 40);
+        assert_eq!(changes.len(), 16);
+        assert!(changes.iter().all(|(_, v)| v.is_none()));
     }
 }

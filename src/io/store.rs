@@ -4,8 +4,9 @@
 //! batch as the state they produced, so a restart resumes exactly there.
 
 use crate::domain::campaign::{CampaignState, Event, EventBody};
+use crate::domain::changelog::Parts;
 use crate::domain::model::Arm;
-use crate::domain::window::{BucketKey, FinalWindow, WindowMeta};
+use crate::domain::window::{FinalWindow, PartChange, PartKey, WindowMeta};
 use crate::io::IoError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -399,22 +400,6 @@ impl TrainerStore {
     }
 }
 
-/// (campaign, creative, action, count) of one bucket in a minute's value.
-type MinuteEntry = (String, String, String, u64);
-
-fn minute_key(minute: i64) -> Vec<u8> {
-    let mut k = vec![b'w'];
-    k.extend_from_slice(&minute.to_be_bytes());
-    k
-}
-
-fn minute_of(key: &[u8]) -> Result<i64, IoError> {
-    key.get(1..9)
-        .and_then(|b| b.try_into().ok())
-        .map(i64::from_be_bytes)
-        .ok_or_else(|| IoError::Fatal("corrupt window minute key".into()))
-}
-
 /// What an aggregator's local state reflects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AggProgress {
@@ -428,10 +413,12 @@ pub struct AggProgress {
     pub epoch: u64,
 }
 
-/// Window buckets with their counts, and the progress they reflect.
-pub type AggSnapshot = (Vec<(BucketKey, u64)>, AggProgress);
+/// Window-state parts, and the progress they reflect.
+pub type AggSnapshot = (Parts, AggProgress);
 
-/// An aggregator's local window state for one input partition.
+/// An aggregator's local window state for one input partition: the same
+/// part values as its changelog (`w/<minute>/<part>` keys), and under `m`
+/// the progress they reflect, written together in one sled batch.
 #[derive(Clone)]
 pub struct AggStateStore {
     tree: sled::Tree,
@@ -444,74 +431,30 @@ impl AggStateStore {
         })
     }
 
-    /// The stored buckets and progress, if any state exists.
+    /// The stored parts and progress, if any state exists. An error if a
+    /// key is not a part's (e.g. the layout of an older version).
     pub fn load(&self) -> Result<Option<AggSnapshot>, IoError> {
         let Some(meta) = self.tree.get(b"m")? else {
             return Ok(None);
         };
         let progress: AggProgress = from_json(&meta, "aggregator progress")?;
-        let mut buckets = Vec::new();
+        let mut parts = Parts::new();
         for item in self.tree.scan_prefix(b"w") {
             let (k, v) = item?;
-            let minute = minute_of(&k)?;
-            let entries: Vec<MinuteEntry> = from_json(&v, "window minute")?;
-            for (campaign, creative, action, count) in entries {
-                let action = crate::domain::reaction::Action::parse(&action)
-                    .ok_or_else(|| IoError::Fatal("corrupt window minute action".into()))?;
-                buckets.push((
-                    BucketKey {
-                        campaign_id: campaign.into(),
-                        creative_id: creative.into(),
-                        action,
-                        minute,
-                    },
-                    count,
-                ));
-            }
+            let key = PartKey::decode(&k)
+                .ok_or_else(|| IoError::Fatal("window state key of an unknown layout".into()))?;
+            parts.insert(key, v.to_vec());
         }
-        Ok(Some((buckets, progress)))
+        Ok(Some((parts, progress)))
     }
 
-    /// Apply bucket changes and the progress they bring in one sled batch.
-    /// The buckets of a minute are one sled value (few keys, few writes:
-    /// sled's memory grows with the number of keys written), so the
-    /// minutes a change touches are read, merged and written back.
-    pub fn apply(
-        &self,
-        changes: &[(BucketKey, Option<u64>)],
-        progress: &AggProgress,
-    ) -> Result<(), IoError> {
-        let mut by_minute: BTreeMap<i64, Vec<&(BucketKey, Option<u64>)>> = BTreeMap::new();
-        for c in changes {
-            by_minute.entry(c.0.minute).or_default().push(c);
-        }
+    /// Apply part changes and the progress they bring in one sled batch.
+    pub fn apply(&self, changes: &[PartChange], progress: &AggProgress) -> Result<(), IoError> {
         let mut batch = sled::Batch::default();
-        for (minute, cs) in by_minute {
-            let key = minute_key(minute);
-            let mut entries: BTreeMap<(String, String, String), u64> = BTreeMap::new();
-            if let Some(v) = self.tree.get(&key)? {
-                let old: Vec<MinuteEntry> = from_json(&v, "window minute")?;
-                entries.extend(old.into_iter().map(|(c, a, x, n)| ((c, a, x), n)));
-            }
-            for (k, c) in cs {
-                let id = (
-                    k.campaign_id.to_string(),
-                    k.creative_id.to_string(),
-                    k.action.as_str().to_string(),
-                );
-                match c {
-                    Some(n) => entries.insert(id, *n),
-                    None => entries.remove(&id),
-                };
-            }
-            if entries.is_empty() {
-                batch.remove(key);
-            } else {
-                let list: Vec<MinuteEntry> = entries
-                    .into_iter()
-                    .map(|((c, a, x), n)| (c, a, x, n))
-                    .collect();
-                batch.insert(key, json(&list));
+        for (k, v) in changes {
+            match v {
+                Some(v) => batch.insert(k.encode(), v.as_slice()),
+                None => batch.remove(k.encode()),
             }
         }
         batch.insert(&b"m"[..], json(progress));
@@ -532,17 +475,11 @@ mod tests {
     use crate::domain::campaign::{Creative, EventBody};
 
     #[test]
-    fn aggregator_state_round_trips_by_minute() {
-        use crate::domain::reaction::Action;
+    fn aggregator_state_round_trips_its_parts() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let s = AggStateStore::open(&db, 3).unwrap();
         assert!(s.load().unwrap().is_none());
-        let k = |c: &str, action, minute| BucketKey {
-            campaign_id: c.into(),
-            creative_id: "a".into(),
-            action,
-            minute,
-        };
+        let k = |minute, part| PartKey { minute, part };
         let p1 = AggProgress {
             input_offset: 10,
             changelog_offset: 4,
@@ -551,9 +488,9 @@ mod tests {
         };
         s.apply(
             &[
-                (k("c1", Action::Send, 0), Some(2)),
-                (k("c2", Action::Click, 0), Some(1)),
-                (k("c1", Action::Send, 60_000), Some(5)),
+                (k(0, 0), Some(b"a".to_vec())),
+                (k(0, 1), Some(b"b".to_vec())),
+                (k(60_000, 0), Some(b"c".to_vec())),
             ],
             &p1,
         )
@@ -562,19 +499,15 @@ mod tests {
             input_offset: 20,
             ..p1
         };
-        // Update one bucket of minute 0, drop the other, drop minute 60 s.
-        s.apply(
-            &[
-                (k("c1", Action::Send, 0), Some(3)),
-                (k("c2", Action::Click, 0), None),
-                (k("c1", Action::Send, 60_000), None),
-            ],
-            &p2,
-        )
-        .unwrap();
-        let (buckets, progress) = s.load().unwrap().unwrap();
+        s.apply(&[(k(0, 0), Some(b"d".to_vec())), (k(60_000, 0), None)], &p2)
+            .unwrap();
+        let (parts, progress) = s.load().unwrap().unwrap();
         assert_eq!(progress, p2);
-        assert_eq!(buckets, vec![(k("c1", Action::Send, 0), 3)]);
+        let want: Parts = [(k(0, 0), b"d".to_vec()), (k(0, 1), b"b".to_vec())].into();
+        assert_eq!(parts, want);
+        // A key of another layout makes the state unreadable (rebuilt).
+        s.tree.insert(b"w\x00\x00", &b"x"[..]).unwrap();
+        assert!(s.load().is_err());
         s.clear().unwrap();
         assert!(s.load().unwrap().is_none());
     }
