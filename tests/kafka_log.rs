@@ -296,3 +296,60 @@ async fn a_new_reader_of_an_owned_partition_starts_where_asked() {
     assert_eq!(third.position(), 55);
     member.leave().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reader_reads_through_the_offset_gaps_of_transactional_input() {
+    // Each committed transaction leaves a control record (a commit marker)
+    // in the partition: the offsets readers see have gaps, which are part
+    // of the log, not records lost on the way.
+    let t = Tansu::start();
+    let log = KafkaLog::connect(settings(&t, "f")).await.unwrap();
+    log.ensure_topic(&spec("tx-in", 1)).await.unwrap();
+    let writer = log.txn_writer("tx-in-writer").await.unwrap();
+    let mut written = Vec::new();
+    for txn in 0..5u32 {
+        let w = writer
+            .commit(Txn {
+                records: (0..4)
+                    .map(|i| {
+                        OutRecord::keyed("tx-in", format!("k{txn}-{i}"), Some(vec![txn as u8]))
+                            .to_partition(0)
+                    })
+                    .collect(),
+                offsets: vec![],
+            })
+            .await
+            .unwrap();
+        written.extend(w.iter().map(|w| w.offset));
+    }
+    assert!(
+        written.windows(2).any(|w| w[1] > w[0] + 1),
+        "commit markers take offsets: {written:?}"
+    );
+    let member = log.join_group("g4", "tx-in", "txn-g4-a").await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(30), member.next_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&ev, PartitionEvent::Assigned(p) if p == &vec![0]),
+        "{ev:?}"
+    );
+    let mut reader = member.reader(0, 0).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), read_n(&mut reader, written.len()))
+        .await
+        .expect("every committed record within 30 s");
+    assert_eq!(got, written);
+    assert_eq!(reader.position(), written.last().unwrap() + 1);
+    // A restarted reader asked to start inside the log skips the gap too.
+    drop(reader);
+    let mut again = member.reader(0, written[4]).await.unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        read_n(&mut again, written.len() - 4),
+    )
+    .await
+    .expect("the rest within 30 s");
+    assert_eq!(got, written[4..].to_vec());
+    member.leave().await;
+}

@@ -484,6 +484,18 @@ struct KafkaReader {
     at_eof: BTreeMap<u32, bool>,
 }
 
+impl Drop for KafkaReader {
+    /// Closing a librdkafka client joins its threads (~100 ms): never on an
+    /// async worker, where it would stall every task queued behind it.
+    fn drop(&mut self) {
+        if let Some(c) = self.consumer.take() {
+            let _ = std::thread::Builder::new()
+                .name("kafka-reader-close".into())
+                .spawn(move || drop(c));
+        }
+    }
+}
+
 impl KafkaReader {
     fn new(s: &KafkaSettings, topic: &str, parts: &[(u32, u64)]) -> Self {
         let mut r = KafkaReader {
@@ -904,10 +916,14 @@ impl TxnWriter for TxnCoordinator {
 
 type Queue = Arc<SplitQueue<GroupContext>>;
 
-/// An owned partition: its split queue, and whether it is still ours.
+/// An owned partition: its split queue, whether it is still ours, and
+/// whether its reader must seek back to its position (a record of it
+/// reached the group queue instead of the split one, so the split queue
+/// lacks it).
 struct Route {
     queue: Queue,
     owned: Arc<AtomicBool>,
+    reseek: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -973,6 +989,7 @@ impl GroupContext {
                 Route {
                     queue,
                     owned: Arc::new(AtomicBool::new(true)),
+                    reseek: Arc::default(),
                 },
             ) {
                 old.owned.store(false, Ordering::SeqCst);
@@ -1139,8 +1156,16 @@ fn tpl_one(topic: &str, p: u32) -> TopicPartitionList {
 fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, topic: String) {
     while !stop.load(Ordering::SeqCst) {
         match consumer.poll(Duration::from_millis(50)) {
-            Some(Ok(m)) => tracing::debug!(topic = %topic, partition = m.partition(),
-                offset = m.offset(), "record outside a split queue dropped"),
+            Some(Ok(m)) => {
+                // Not expected (queues are split before fetching starts);
+                // the partition's reader goes back for it.
+                tracing::warn!(topic = %topic, partition = m.partition(), offset = m.offset(),
+                    "record outside a split queue; its reader seeks back");
+                let routes = consumer.context().routes.lock().expect("routes lock");
+                if let Some(r) = routes.owned.get(&(m.partition() as u32)) {
+                    r.reseek.store(true, Ordering::SeqCst);
+                }
+            }
             Some(Err(KafkaError::PartitionEOF(_))) | None => {}
             Some(Err(e)) => tracing::warn!(topic = %topic, error = %e, "group consumer error"),
         }
@@ -1178,12 +1203,12 @@ struct GroupReader {
     queue: Queue,
     owned: Arc<AtomicBool>,
     position: u64,
-    /// Records before the one at `position` are stale (a seek to it was
-    /// asked for) and dropped.
-    seeking: bool,
-    /// A seek has not taken effect yet: an end-of-partition seen now may be
-    /// from before it.
+    /// A seek has not taken effect yet: records and an end-of-partition
+    /// seen now are from before it (dropped; librdkafka drops what it
+    /// fetched before the seek once it applies).
     seek_pending: Arc<AtomicBool>,
+    /// Set when a record of ours went to the group queue (see `Route`).
+    reseek: Arc<AtomicBool>,
     /// The consumer reported the end of the partition after our last record.
     at_end: bool,
     /// Records fetched and not yet read (`smartmsg_partition_queue_records`).
@@ -1195,7 +1220,6 @@ struct GroupReader {
 impl GroupReader {
     /// Seek the consumer to our position, off the async workers.
     fn start_seek(&mut self) {
-        self.seeking = true;
         self.seek_pending.store(true, Ordering::SeqCst);
         let consumer = self.consumer.clone();
         let pending = self.seek_pending.clone();
@@ -1215,15 +1239,12 @@ impl GroupReader {
         });
     }
 
-    /// Lend the queued records at our position to `f`: (records, whether a
-    /// seek is needed).
-    fn take(
-        &mut self,
-        max: usize,
-        f: &mut (dyn for<'r> FnMut(RecordRef<'r>) + Send),
-    ) -> (usize, bool) {
-        let (mut n, mut gap) = (0, false);
-        let (position, seeking, at_end) = (&mut self.position, &mut self.seeking, &mut self.at_end);
+    /// Lend the queued records from our position on to `f`; the number
+    /// lent. Offsets may skip (transaction markers, aborted or compacted
+    /// records): the next record is the next one the log has.
+    fn take(&mut self, max: usize, f: &mut (dyn for<'r> FnMut(RecordRef<'r>) + Send)) -> usize {
+        let mut n = 0;
+        let (position, at_end) = (&mut self.position, &mut self.at_end);
         let (topic, pending) = (&self.topic, &self.seek_pending);
         self.queue.drain(max, |item| match item {
             Polled::Eof => *at_end = !pending.load(Ordering::SeqCst),
@@ -1231,24 +1252,16 @@ impl GroupReader {
                 tracing::warn!(topic = %topic, error = %e, "partition consumer error")
             }
             Polled::Record(r) => {
-                *at_end = false;
-                if r.offset != *position {
-                    if !*seeking && r.offset > *position {
-                        // The fetcher is ahead of us (a restarted reader
-                        // whose predecessor read past the committed offset,
-                        // or records that went to the group queue): go back.
-                        gap = true;
-                        *seeking = true;
-                    }
-                    return; // stale: before a seek, or after the gap
+                if pending.load(Ordering::SeqCst) || r.offset < *position {
+                    return; // from before a seek
                 }
-                *seeking = false;
+                *at_end = false;
                 *position = r.offset + 1;
                 n += 1;
                 f(r);
             }
         });
-        (n, gap)
+        n
     }
 }
 
@@ -1275,12 +1288,12 @@ impl PartitionReader for GroupReader {
                     self.topic, self.partition
                 )));
             }
-            let was_at_end = self.at_end;
-            let (n, gap) = self.take(max, f);
-            self.queued.set(self.queue.len() as f64);
-            if gap {
+            if self.reseek.swap(false, Ordering::SeqCst) {
                 self.start_seek();
             }
+            let was_at_end = self.at_end;
+            let n = self.take(max, f);
+            self.queued.set(self.queue.len() as f64);
             // Records, or the end of the partition just reached: the caller
             // need not wait for more to know it is caught up.
             if n > 0 || (self.at_end && !was_at_end) {
@@ -1326,12 +1339,16 @@ impl GroupMember for KafkaGroup {
     }
 
     async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {
-        let (queue, owned) = {
+        let (queue, owned, reseek) = {
             let routes = self.routes.lock().expect("routes lock");
             let route = routes.owned.get(&partition).ok_or_else(|| {
                 IoError::Retryable(format!("{}/{partition}: partition not owned", self.topic))
             })?;
-            (route.queue.clone(), route.owned.clone())
+            (
+                route.queue.clone(),
+                route.owned.clone(),
+                route.reseek.clone(),
+            )
         };
         // Where the previous reader of this partition (if any) stopped.
         let app = self.consumer.position().ok().and_then(|tpl| {
@@ -1347,18 +1364,18 @@ impl GroupMember for KafkaGroup {
             queue,
             owned,
             position: from,
-            seeking: false,
             seek_pending: Arc::default(),
+            reseek,
             at_end: false,
             queued: metrics::gauge!("smartmsg_partition_queue_records",
                 "topic" => self.topic.clone(), "partition" => partition.to_string()),
             starved: metrics::histogram!("smartmsg_partition_input_wait_seconds",
                 "topic" => self.topic.clone(), "partition" => partition.to_string()),
         };
-        // A fresh assignment fetches from the committed offset (a gap, if
-        // `from` is behind it, makes the reader seek back); a restarted
-        // reader starts where asked, whatever its predecessor consumed.
-        if app.is_some_and(|o| o != from) {
+        // Start exactly where asked: a fresh assignment would fetch from
+        // the committed offset (the restored state may lie behind it), a
+        // restarted reader from wherever its predecessor stopped.
+        if app != Some(from) {
             reader.seek(from);
         }
         Ok(Box::new(reader))
