@@ -42,6 +42,15 @@ pub enum AggregatorMsg {
     Poll,
 }
 
+/// The actor's state: restoring (in `post_start`), then running.
+pub struct AggregatorPhase(Phase);
+
+enum Phase {
+    Starting(AggregatorArgs, RestoreGuard),
+    Running(Box<AggregatorState>),
+    Stopped,
+}
+
 pub struct AggregatorState {
     ctx: SharedCtx,
     partition: u32,
@@ -67,6 +76,12 @@ pub struct AggregatorState {
     uncommitted: usize,
     first_uncommitted: Option<Instant>,
     last_fetch_ms: i64,
+    /// Whether the end of the partition was reached since the last backlog
+    /// (logged once per catch-up).
+    caught_up_logged: bool,
+    /// Records since the reader was (re)started or the last catch-up.
+    backlog: u64,
+    backlog_since: Option<Instant>,
 }
 
 struct RestoreGuard(SharedCtx);
@@ -467,76 +482,108 @@ fn emitted_log(partition: u32, finals: &[FinalWindow]) {
     }
 }
 
+/// Restore the partition's state and open its reader (see `restore`).
+async fn start(
+    myself: &ActorRef<AggregatorMsg>,
+    args: AggregatorArgs,
+) -> Result<AggregatorState, ActorProcessingErr> {
+    let ctx = args.ctx;
+    let p = args.partition;
+    let started = Instant::now();
+    let committed = args.member.committed(p).await?.unwrap_or(0);
+    let store = ctx.stores.aggregator(p)?;
+    let restored = restore(&ctx, p, &store, committed).await?;
+    let took = started.elapsed();
+    metrics::histogram!("smartmsg_aggregator_restore_seconds").record(took.as_secs_f64());
+    metrics::counter!("smartmsg_aggregator_restored_records_total").increment(restored.records);
+    tracing::info!(
+        partition = p,
+        full = restored.full,
+        changelog_records = restored.records,
+        buckets = restored.engine.open_buckets(),
+        input_offset = restored.input_offset,
+        took_ms = took.as_millis() as u64,
+        "aggregator state restored"
+    );
+    // A new writer epoch, above every epoch in the state restored.
+    let epoch = (system_now_ms().max(0) as u64).max(restored.epoch + 1);
+    let writer = args.member.writer();
+    let reader = args.member.reader(p, restored.input_offset).await?;
+    myself.send_message(AggregatorMsg::Poll)?;
+    let now = ctx.clock.now_ms();
+    let progress = AggProgress {
+        window: restored.engine.meta(),
+        input_offset: restored.input_offset,
+        changelog_offset: restored.changelog_offset,
+        epoch: restored.epoch,
+    };
+    Ok(AggregatorState {
+        ctx,
+        partition: p,
+        epoch,
+        progress,
+        next_from: progress.input_offset,
+        inflight: None,
+        saved: progress,
+        unsaved: FxHashMap::default(),
+        last_checkpoint: Instant::now(),
+        engine: restored.engine,
+        store,
+        reader,
+        writer,
+        dlq: Vec::new(),
+        counted: 0,
+        uncommitted: 0,
+        first_uncommitted: None,
+        last_fetch_ms: now,
+        caught_up_logged: false,
+        backlog: 0,
+        backlog_since: None,
+    })
+}
+
 impl Actor for WindowAggregatorActor {
     type Msg = AggregatorMsg;
-    type State = AggregatorState;
+    type State = AggregatorPhase;
     type Arguments = AggregatorArgs;
 
+    /// Only counts the partition as restoring: the restore itself runs in
+    /// `post_start`, in the actor's own task, so that the partitions
+    /// assigned together restore in parallel (a supervisor starts its
+    /// children one at a time, awaiting each `pre_start`).
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         args: AggregatorArgs,
-    ) -> Result<AggregatorState, ActorProcessingErr> {
-        let ctx = args.ctx;
-        let p = args.partition;
-        ctx.readiness.restoring.fetch_add(1, Ordering::SeqCst);
-        let _guard = RestoreGuard(ctx.clone());
-        let started = Instant::now();
-        let committed = args.member.committed(p).await?.unwrap_or(0);
-        let store = ctx.stores.aggregator(p)?;
-        let restored = restore(&ctx, p, &store, committed).await?;
-        let took = started.elapsed();
-        metrics::histogram!("smartmsg_aggregator_restore_seconds").record(took.as_secs_f64());
-        metrics::counter!("smartmsg_aggregator_restored_records_total").increment(restored.records);
-        tracing::info!(
-            partition = p,
-            full = restored.full,
-            changelog_records = restored.records,
-            buckets = restored.engine.open_buckets(),
-            input_offset = restored.input_offset,
-            took_ms = took.as_millis() as u64,
-            "aggregator state restored"
-        );
-        // A new writer epoch, above every epoch in the state restored.
-        let epoch = (system_now_ms().max(0) as u64).max(restored.epoch + 1);
-        let writer = args.member.writer();
-        let reader = args.member.reader(p, restored.input_offset).await?;
-        myself.send_message(AggregatorMsg::Poll)?;
-        let now = ctx.clock.now_ms();
-        let progress = AggProgress {
-            window: restored.engine.meta(),
-            input_offset: restored.input_offset,
-            changelog_offset: restored.changelog_offset,
-            epoch: restored.epoch,
+    ) -> Result<AggregatorPhase, ActorProcessingErr> {
+        args.ctx.readiness.restoring.fetch_add(1, Ordering::SeqCst);
+        let guard = RestoreGuard(args.ctx.clone());
+        Ok(AggregatorPhase(Phase::Starting(args, guard)))
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        phase: &mut AggregatorPhase,
+    ) -> Result<(), ActorProcessingErr> {
+        let Phase::Starting(args, guard) = std::mem::replace(&mut phase.0, Phase::Stopped) else {
+            return Ok(());
         };
-        Ok(AggregatorState {
-            ctx,
-            partition: p,
-            epoch,
-            progress,
-            next_from: progress.input_offset,
-            inflight: None,
-            saved: progress,
-            unsaved: FxHashMap::default(),
-            last_checkpoint: Instant::now(),
-            engine: restored.engine,
-            store,
-            reader,
-            writer,
-            dlq: Vec::new(),
-            counted: 0,
-            uncommitted: 0,
-            first_uncommitted: None,
-            last_fetch_ms: now,
-        })
+        let st = start(&myself, args).await?;
+        drop(guard);
+        phase.0 = Phase::Running(Box::new(st));
+        Ok(())
     }
 
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
         _msg: AggregatorMsg,
-        st: &mut AggregatorState,
+        phase: &mut AggregatorPhase,
     ) -> Result<(), ActorProcessingErr> {
+        let Phase::Running(st) = &mut phase.0 else {
+            return Ok(());
+        };
         let cfg = st.ctx.cfg.aggregator.clone();
         let max = cfg.max_batch_records as usize;
         let wait = Duration::from_millis(cfg.idle_close_ms.min(100));
@@ -549,11 +596,30 @@ impl Actor for WindowAggregatorActor {
         let now = st.ctx.clock.now_ms();
         let caught_up = fetched == 0;
         if !caught_up {
+            st.backlog_since.get_or_insert_with(Instant::now);
+            st.backlog += fetched as u64;
+            st.caught_up_logged = false;
             st.last_fetch_ms = now;
             st.uncommitted += fetched;
             st.first_uncommitted.get_or_insert_with(Instant::now);
         } else if st.reader.at_end() && now - st.last_fetch_ms >= cfg.idle_close_ms as i64 {
             st.engine.idle_close(now);
+        }
+        if st.reader.at_end() && !st.caught_up_logged {
+            st.caught_up_logged = true;
+            let took = st
+                .backlog_since
+                .take()
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
+            tracing::info!(
+                partition = st.partition,
+                records = st.backlog,
+                took_ms = took.as_millis() as u64,
+                position = st.reader.position(),
+                "aggregator caught up with the end of its partition"
+            );
+            st.backlog = 0;
         }
         let has_work = st.has_work();
         // Caught up (nothing came, or the end of the partition was reached):
@@ -582,8 +648,11 @@ impl Actor for WindowAggregatorActor {
     async fn post_stop(
         &self,
         _myself: ActorRef<Self::Msg>,
-        st: &mut AggregatorState,
+        phase: &mut AggregatorPhase,
     ) -> Result<(), ActorProcessingErr> {
+        let Phase::Running(st) = &mut phase.0 else {
+            return Ok(()); // stopped before it was restored: nothing to drain
+        };
         let mut res = Ok(());
         if st.has_work() {
             res = st.commit().await;
