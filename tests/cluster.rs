@@ -258,15 +258,27 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
     })
     .await
     .unwrap();
-    let events = eventually(
-        "every command in the log",
+    let seen = std::sync::atomic::AtomicUsize::new(0);
+    let events = tokio::time::timeout(
         Duration::from_secs(120),
-        || async {
-            let ev = read_events(&log).await;
-            (ev.len() == campaigns * 11).then_some(ev)
-        },
+        eventually(
+            "every command in the log",
+            Duration::from_secs(150),
+            || async {
+                let ev = read_events(&log).await;
+                seen.store(ev.len(), std::sync::atomic::Ordering::SeqCst);
+                (ev.len() == campaigns * 11).then_some(ev)
+            },
+        ),
     )
-    .await;
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "timed out waiting for every command in the log: {} events of {}",
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            campaigns * 11
+        )
+    });
     let mut per_campaign: BTreeMap<String, Vec<&Event>> = BTreeMap::new();
     for e in events.values() {
         per_campaign

@@ -917,13 +917,12 @@ impl TxnWriter for TxnCoordinator {
 type Queue = Arc<SplitQueue<GroupContext>>;
 
 /// An owned partition: its split queue, whether it is still ours, and
-/// whether its reader must seek back to its position (a record of it
-/// reached the group queue instead of the split one, so the split queue
-/// lacks it).
+/// whether a record of it reached the group queue instead (not expected:
+/// queues are split before fetching starts), so its split queue lacks one.
 struct Route {
     queue: Queue,
     owned: Arc<AtomicBool>,
-    reseek: Arc<AtomicBool>,
+    stray: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -989,7 +988,7 @@ impl GroupContext {
                 Route {
                     queue,
                     owned: Arc::new(AtomicBool::new(true)),
-                    reseek: Arc::default(),
+                    stray: Arc::default(),
                 },
             ) {
                 old.owned.store(false, Ordering::SeqCst);
@@ -1157,13 +1156,14 @@ fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, t
     while !stop.load(Ordering::SeqCst) {
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
-                // Not expected (queues are split before fetching starts);
-                // the partition's reader goes back for it.
-                tracing::warn!(topic = %topic, partition = m.partition(), offset = m.offset(),
-                    "record outside a split queue; its reader seeks back");
+                // Not expected (queues are split before fetching starts):
+                // the partition's reader fails, and its actor restarts from
+                // its committed state.
+                tracing::error!(topic = %topic, partition = m.partition(), offset = m.offset(),
+                    "record outside its partition's split queue; the partition's reader restarts");
                 let routes = consumer.context().routes.lock().expect("routes lock");
                 if let Some(r) = routes.owned.get(&(m.partition() as u32)) {
-                    r.reseek.store(true, Ordering::SeqCst);
+                    r.stray.store(true, Ordering::SeqCst);
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) | None => {}
@@ -1207,8 +1207,11 @@ struct GroupReader {
     /// seen now are from before it (dropped; librdkafka drops what it
     /// fetched before the seek once it applies).
     seek_pending: Arc<AtomicBool>,
+    /// A seek that never succeeded: what was dropped meanwhile is not
+    /// coming back, so the reader fails.
+    seek_failed: Arc<AtomicBool>,
     /// Set when a record of ours went to the group queue (see `Route`).
-    reseek: Arc<AtomicBool>,
+    stray: Arc<AtomicBool>,
     /// The consumer reported the end of the partition after our last record.
     at_end: bool,
     /// Records fetched and not yet read (`smartmsg_partition_queue_records`).
@@ -1223,6 +1226,7 @@ impl GroupReader {
         self.seek_pending.store(true, Ordering::SeqCst);
         let consumer = self.consumer.clone();
         let pending = self.seek_pending.clone();
+        let failed = self.seek_failed.clone();
         let topic = self.topic.clone();
         let (p, o) = (self.partition as i32, self.position as i64);
         std::thread::spawn(move || {
@@ -1230,7 +1234,8 @@ impl GroupReader {
                 match consumer.seek(&topic, p, Offset::Offset(o), Duration::from_secs(5)) {
                     Ok(()) => break,
                     Err(e) if attempt == 49 => {
-                        tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "seek failed")
+                        tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "seek failed");
+                        failed.store(true, Ordering::SeqCst);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
@@ -1288,8 +1293,11 @@ impl PartitionReader for GroupReader {
                     self.topic, self.partition
                 )));
             }
-            if self.reseek.swap(false, Ordering::SeqCst) {
-                self.start_seek();
+            if self.stray.load(Ordering::SeqCst) || self.seek_failed.load(Ordering::SeqCst) {
+                return Err(IoError::Retryable(format!(
+                    "{}/{}: records of the partition went astray (a failed seek, or a record outside its queue)",
+                    self.topic, self.partition
+                )));
             }
             let was_at_end = self.at_end;
             let n = self.take(max, f);
@@ -1339,7 +1347,7 @@ impl GroupMember for KafkaGroup {
     }
 
     async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {
-        let (queue, owned, reseek) = {
+        let (queue, owned, stray) = {
             let routes = self.routes.lock().expect("routes lock");
             let route = routes.owned.get(&partition).ok_or_else(|| {
                 IoError::Retryable(format!("{}/{partition}: partition not owned", self.topic))
@@ -1347,7 +1355,7 @@ impl GroupMember for KafkaGroup {
             (
                 route.queue.clone(),
                 route.owned.clone(),
-                route.reseek.clone(),
+                route.stray.clone(),
             )
         };
         // Where the previous reader of this partition (if any) stopped.
@@ -1365,17 +1373,24 @@ impl GroupMember for KafkaGroup {
             owned,
             position: from,
             seek_pending: Arc::default(),
-            reseek,
+            seek_failed: Arc::default(),
+            stray,
             at_end: false,
             queued: metrics::gauge!("smartmsg_partition_queue_records",
                 "topic" => self.topic.clone(), "partition" => partition.to_string()),
             starved: metrics::histogram!("smartmsg_partition_input_wait_seconds",
                 "topic" => self.topic.clone(), "partition" => partition.to_string()),
         };
-        // Start exactly where asked: a fresh assignment would fetch from
-        // the committed offset (the restored state may lie behind it), a
-        // restarted reader from wherever its predecessor stopped.
-        if app != Some(from) {
+        // Start exactly where asked: a restarted reader would go on from
+        // wherever its predecessor stopped, a fresh assignment fetches from
+        // the committed offset (the restored state may lie behind it).
+        let start = match app {
+            Some(o) => Some(o),
+            None => self.committed(partition).await?,
+        };
+        // After a stray record, the queue lacks it: go back for it.
+        let had_stray = reader.stray.swap(false, Ordering::SeqCst);
+        if had_stray || start.unwrap_or(0) != from {
             reader.seek(from);
         }
         Ok(Box::new(reader))
