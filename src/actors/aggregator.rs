@@ -380,9 +380,7 @@ impl AggregatorState {
         let n_finals = finals.len() as u64;
         emitted_log(p, &finals);
         for f in finals {
-            // Sized for the record (serde_json would grow it to 256 bytes).
-            let mut value = Vec::with_capacity(160 + f.campaign_id.len() + f.creative_id.len());
-            serde_json::to_writer(&mut value, &f).expect("serialisable");
+            let value = f.to_json();
             records.push(OutRecord::keyed(
                 &ctx.topics.aggregates,
                 f.campaign_id,

@@ -246,7 +246,65 @@ pub struct FinalWindow {
     pub count: u64,
 }
 
+/// A JSON string as serde_json writes it: as is when nothing needs
+/// escaping (the common case), else through serde_json.
+fn put_json_str(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *buf, s).expect("a string serialises");
+    }
+}
+
+fn put_int(buf: &mut Vec<u8>, v: i64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = v.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        buf.push(b'-');
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
 impl FinalWindow {
+    /// The record value: byte for byte what serde_json writes for it
+    /// (property-tested), without its per-field machinery — one of these
+    /// is written per key, window and partition.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(150 + self.campaign_id.len() + self.creative_id.len());
+        b.extend_from_slice(b"{\"campaign_id\":");
+        put_json_str(&mut b, &self.campaign_id);
+        b.extend_from_slice(b",\"creative_id\":");
+        put_json_str(&mut b, &self.creative_id);
+        b.extend_from_slice(b",\"action\":\"");
+        b.extend_from_slice(self.action.as_str().as_bytes());
+        b.extend_from_slice(b"\",\"window\":\"");
+        b.extend_from_slice(self.window.as_str().as_bytes());
+        b.extend_from_slice(b"\",\"window_start\":");
+        put_int(&mut b, self.window_start);
+        b.extend_from_slice(b",\"window_end\":");
+        put_int(&mut b, self.window_end);
+        b.extend_from_slice(b",\"partition\":");
+        put_int(&mut b, i64::from(self.partition));
+        b.extend_from_slice(b",\"count\":");
+        match i64::try_from(self.count) {
+            Ok(c) => put_int(&mut b, c),
+            Err(_) => b.extend_from_slice(self.count.to_string().as_bytes()),
+        }
+        b.push(b'}');
+        b
+    }
+
     /// Deterministic identity (key, window kind, start, input partition).
     pub fn identity(&self) -> String {
         serde_json::to_string(&(
@@ -827,6 +885,34 @@ mod tests {
         assert_eq!(e.series(), 0, "series without buckets are forgotten");
         e.ingest(&r(10 * MINUTE_MS, Action::Send)).unwrap();
         assert_eq!(e.series(), 1, "a freed series id is reused");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn final_json_is_what_serde_writes(
+            campaign in "\\PC{0,12}|[a-z\"\\\\\u{0}-\u{1f}\u{7f}é]{0,8}",
+            creative in "\\PC{0,12}|[a-z\"\\\\\u{0}-\u{1f}]{0,8}",
+            start in proptest::num::i64::ANY,
+            partition in proptest::num::u32::ANY,
+            count in proptest::num::u64::ANY,
+            kind in proptest::bool::ANY,
+            action in 0u8..3,
+        ) {
+            let f = FinalWindow {
+                campaign_id: campaign,
+                creative_id: creative,
+                action: [Action::Send, Action::Impression, Action::Click][action as usize],
+                window: if kind { WindowKind::Tumbling1m } else { WindowKind::Hopping5m1m },
+                window_start: start,
+                window_end: start.wrapping_add(60_000),
+                partition,
+                count,
+            };
+            proptest::prop_assert_eq!(
+                String::from_utf8(f.to_json()).unwrap(),
+                serde_json::to_string(&f).unwrap()
+            );
+        }
     }
 
     #[test]
