@@ -1203,9 +1203,9 @@ struct GroupReader {
     queue: Queue,
     owned: Arc<AtomicBool>,
     position: u64,
-    /// A seek has not taken effect yet: records and an end-of-partition
-    /// seen now are from before it (dropped; librdkafka drops what it
-    /// fetched before the seek once it applies).
+    /// A seek has not taken effect yet: what is queued may be from before
+    /// it, so nothing is read until it has (librdkafka then drops what it
+    /// fetched before the seek by itself).
     seek_pending: Arc<AtomicBool>,
     /// A seek that never succeeded: what was dropped meanwhile is not
     /// coming back, so the reader fails.
@@ -1250,15 +1250,15 @@ impl GroupReader {
     fn take(&mut self, max: usize, f: &mut (dyn for<'r> FnMut(RecordRef<'r>) + Send)) -> usize {
         let mut n = 0;
         let (position, at_end) = (&mut self.position, &mut self.at_end);
-        let (topic, pending) = (&self.topic, &self.seek_pending);
+        let topic = &self.topic;
         self.queue.drain(max, |item| match item {
-            Polled::Eof => *at_end = !pending.load(Ordering::SeqCst),
+            Polled::Eof => *at_end = true,
             Polled::Error(e) => {
                 tracing::warn!(topic = %topic, error = %e, "partition consumer error")
             }
             Polled::Record(r) => {
-                if pending.load(Ordering::SeqCst) || r.offset < *position {
-                    return; // from before a seek
+                if r.offset < *position {
+                    return; // not expected once a seek has applied
                 }
                 *at_end = false;
                 *position = r.offset + 1;
@@ -1292,6 +1292,12 @@ impl PartitionReader for GroupReader {
                     "{}/{}: partition no longer owned",
                     self.topic, self.partition
                 )));
+            }
+            while self.seek_pending.load(Ordering::SeqCst) {
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(0);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             if self.stray.load(Ordering::SeqCst) || self.seek_failed.load(Ordering::SeqCst) {
                 return Err(IoError::Retryable(format!(
