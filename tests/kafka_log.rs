@@ -19,6 +19,19 @@ fn settings(t: &Tansu, id: &str) -> KafkaSettings {
     }
 }
 
+/// The partitions of a member's first assignment, sorted.
+async fn first_assignment(member: &dyn smartmsg::io::GroupMember) -> Vec<u32> {
+    let ev = tokio::time::timeout(Duration::from_secs(30), member.next_event())
+        .await
+        .expect("assignment within 30 s")
+        .unwrap();
+    let PartitionEvent::Assigned(mut parts) = ev else {
+        panic!("{ev:?}")
+    };
+    parts.sort();
+    parts
+}
+
 fn spec(name: &str, partitions: u32) -> TopicSpec {
     TopicSpec {
         name: name.into(),
@@ -76,15 +89,7 @@ async fn transactions_commit_records_and_group_offsets_and_fence_zombies() {
     .await
     .unwrap();
     let member = log.join_group("g1", "in", "txn-g1-a").await.unwrap();
-    let assigned = tokio::time::timeout(Duration::from_secs(30), member.next_event())
-        .await
-        .expect("assignment within 30 s")
-        .unwrap();
-    let PartitionEvent::Assigned(mut parts) = assigned else {
-        panic!("{assigned:?}")
-    };
-    parts.sort();
-    assert_eq!(parts, vec![0, 1]);
+    assert_eq!(first_assignment(member.as_ref()).await, vec![0, 1]);
     let p = 0;
     let from = member.committed(p).await.unwrap().unwrap_or(0);
     assert_eq!(from, 0);
@@ -155,14 +160,7 @@ async fn a_second_member_takes_partitions_after_a_drained_revoke() {
     let log = KafkaLog::connect(settings(&t, "c")).await.unwrap();
     log.ensure_topic(&spec("rb", 4)).await.unwrap();
     let a = log.join_group("g2", "rb", "txn-g2-a").await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(30), a.next_event())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        matches!(&first, PartitionEvent::Assigned(p) if p.len() == 4),
-        "{first:?}"
-    );
+    assert_eq!(first_assignment(a.as_ref()).await, vec![0, 1, 2, 3]);
     let mut readers = Vec::new();
     for p in 0..4 {
         readers.push(a.reader(p, 0).await.unwrap());
@@ -244,14 +242,7 @@ async fn a_new_reader_of_an_owned_partition_starts_where_asked() {
     };
     log.publish(publish(0, 50)).await.unwrap();
     let member = log.join_group("g3", "rr", "txn-g3-a").await.unwrap();
-    let ev = tokio::time::timeout(Duration::from_secs(30), member.next_event())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        matches!(&ev, PartitionEvent::Assigned(p) if p == &vec![0]),
-        "{ev:?}"
-    );
+    assert_eq!(first_assignment(member.as_ref()).await, vec![0]);
 
     // The first reader reads everything, in order, lending the bytes.
     let mut first = member.reader(0, 0).await.unwrap();
@@ -327,14 +318,7 @@ async fn a_group_reader_reads_through_the_offset_gaps_of_transactional_input() {
         "commit markers take offsets: {written:?}"
     );
     let member = log.join_group("g4", "tx-in", "txn-g4-a").await.unwrap();
-    let ev = tokio::time::timeout(Duration::from_secs(30), member.next_event())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        matches!(&ev, PartitionEvent::Assigned(p) if p == &vec![0]),
-        "{ev:?}"
-    );
+    assert_eq!(first_assignment(member.as_ref()).await, vec![0]);
     let mut reader = member.reader(0, 0).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(30), read_n(&mut reader, written.len()))
         .await
