@@ -7,6 +7,32 @@ use smartmsg::node::Node;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// jemalloc serves every allocation of the process: Rust's, and (unprefixed)
+/// librdkafka's and sled's. With glibc's malloc a third of the aggregators'
+/// CPU went to malloc/free, arena locks and the page faults of fetch
+/// buffers mapped and unmapped per response (BENCHMARKS.md, "Allocator").
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's built-in options (`MALLOC_CONF` in the environment is read
+/// after these, so an operator can override them). One arena: the
+/// process's threads hand buffers to each other (rdkafka's fetch threads
+/// allocate, the runtime's workers free), and per-thread arenas kept ~2x
+/// the RSS for no speed. Freed pages go back to the system after 500 ms
+/// (default 10 s; immediate purging cost 80 % more CPU): peak RSS stays
+/// near the live heap. Measured in BENCHMARKS.md.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[unsafe(export_name = "malloc_conf")]
+static MALLOC_CONF: MallocConf =
+    MallocConf(c"narenas:1,dirty_decay_ms:500,muzzy_decay_ms:0".as_ptr());
+
+/// A C string pointer jemalloc reads at start-up (`const char *malloc_conf`).
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+// SAFETY: points to an immutable static C string literal.
+unsafe impl Sync for MallocConf {}
+
 #[derive(Parser)]
 #[command(
     name = "smartmsg",
@@ -72,19 +98,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    // glibc gives every thread that allocates its own arena and keeps what
-    // it frees there: with the runtime's, rdkafka's and sled's threads that
-    // cost ~40 MB of RSS in the aggregation benchmark. Two arenas serve
-    // this workload as fast (BENCHMARKS.md). A fixed mmap threshold keeps
-    // large buffers (librdkafka's fetch responses) out of the arenas, so
-    // they go back to the system when freed; glibc's default raises the
-    // threshold to the largest buffer freed and then keeps them.
-    // Set before any thread starts.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-    }
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::CheckConfig { config } => {

@@ -451,9 +451,11 @@ pub struct Worker {
 
 impl Worker {
     /// Start `bin run --config config`. With `SMARTMSG_BENCH_WRAPPER` set
-    /// (say `heaptrack` or `perf record -g -o agg.data`), the process runs
-    /// under that command, for profiling (CPU and RSS readings are then
-    /// the wrapper's).
+    /// (say `perf record -g -o agg.data`), the process runs under that
+    /// command, for profiling (CPU and RSS readings are then the
+    /// wrapper's). A wrapper must `exec` the process: the PID started is
+    /// the one stopped. Heap profilers that preload `malloc` see nothing:
+    /// the binary's own jemalloc serves every allocation.
     pub fn spawn(bin: &Path, config: &Path) -> anyhow::Result<Worker> {
         let wrapper = std::env::var("SMARTMSG_BENCH_WRAPPER").unwrap_or_default();
         let mut words = wrapper.split_whitespace();
