@@ -18,10 +18,10 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's built-in options (`MALLOC_CONF` in the environment is read
 /// after these, so an operator can override them). One arena: the
 /// process's threads hand buffers to each other (rdkafka's fetch threads
-/// allocate, the runtime's workers free), and per-thread arenas kept ~2x
-/// the RSS for no speed. Freed pages go back to the system after 500 ms
-/// (default 10 s; immediate purging cost 80 % more CPU): peak RSS stays
-/// near the live heap. Measured in BENCHMARKS.md.
+/// allocate, the runtime's workers free); two arenas were slower. Freed
+/// pages go back to the system after 500 ms: jemalloc's defaults (eight
+/// arenas here, 10 s) held ~2x the RSS, immediate purging cost 80 % more
+/// CPU. Measured in BENCHMARKS.md.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[unsafe(export_name = "malloc_conf")]
 static MALLOC_CONF: MallocConf =

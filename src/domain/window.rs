@@ -258,22 +258,8 @@ fn put_json_str(buf: &mut Vec<u8>, s: &str) {
     }
 }
 
-fn put_int(buf: &mut Vec<u8>, v: i64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = v.unsigned_abs();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if v < 0 {
-        buf.push(b'-');
-    }
-    buf.extend_from_slice(&digits[i..]);
+fn put_int(buf: &mut Vec<u8>, v: impl itoa::Integer) {
+    buf.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 impl FinalWindow {
@@ -295,12 +281,9 @@ impl FinalWindow {
         b.extend_from_slice(b",\"window_end\":");
         put_int(&mut b, self.window_end);
         b.extend_from_slice(b",\"partition\":");
-        put_int(&mut b, i64::from(self.partition));
+        put_int(&mut b, self.partition);
         b.extend_from_slice(b",\"count\":");
-        match i64::try_from(self.count) {
-            Ok(c) => put_int(&mut b, c),
-            Err(_) => b.extend_from_slice(self.count.to_string().as_bytes()),
-        }
+        put_int(&mut b, self.count);
         b.push(b'}');
         b
     }
