@@ -93,36 +93,85 @@ fn expect(b: &[u8], i: &mut usize, c: u8) -> Option<()> {
     (b.get(*i) == Some(&c)).then(|| *i += 1)
 }
 
+/// `b` in every byte of a word.
+const fn splat(b: u8) -> u64 {
+    0x0101_0101_0101_0101 * b as u64
+}
+
+/// The high bit set in the first byte of `w` that is below `n` (n <= 128);
+/// bits above that first byte may be set spuriously (borrows), so only the
+/// lowest set bit is meaningful.
+const fn bytes_below(w: u64, n: u8) -> u64 {
+    w.wrapping_sub(splat(n)) & !w & splat(0x80)
+}
+
 /// A JSON string without escapes or control characters at `i`: the byte
-/// range of its contents.
+/// range of its contents. Eight bytes at a time up to the first quote,
+/// backslash or control character, then byte by byte.
 fn plain_str(b: &[u8], i: &mut usize) -> Option<(usize, usize)> {
     expect(b, i, b'"')?;
     let start = *i;
-    while let Some(&c) = b.get(*i) {
+    let mut j = start;
+    while let Some(chunk) = b.get(j..j + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().ok()?);
+        let special = bytes_below(w ^ splat(b'"'), 1)
+            | bytes_below(w ^ splat(b'\\'), 1)
+            | bytes_below(w, 0x20);
+        if special != 0 {
+            // The lowest flagged byte is the first special one.
+            j += (special.trailing_zeros() / 8) as usize;
+            break;
+        }
+        j += 8;
+    }
+    while let Some(&c) = b.get(j) {
         match c {
             b'"' => {
-                *i += 1;
-                return Some((start, *i - 1));
+                *i = j + 1;
+                return Some((start, j));
             }
             b'\\' | 0..=0x1f => return None,
-            _ => *i += 1,
+            _ => j += 1,
         }
     }
     None
 }
 
+/// Whether all eight bytes of `w` are ASCII digits.
+const fn all_digits(w: u64) -> bool {
+    w & splat(0xf0) == splat(0x30) && w.wrapping_add(splat(0x06)) & splat(0xf0) == splat(0x30)
+}
+
+/// The value of eight ASCII digits (the first in the lowest byte).
+const fn eight_digits(w: u64) -> u64 {
+    let v = w - splat(b'0');
+    let v = (v * 10 + (v >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let v = (v * 100 + (v >> 16)) & 0x0000_ffff_0000_ffff;
+    (v * 10_000 + (v >> 32)) & 0xffff_ffff
+}
+
 /// A JSON integer (no fraction, no exponent, no leading zero) fitting i64.
+/// Eight digits at a time, then digit by digit.
 fn integer(b: &[u8], i: &mut usize) -> Option<i64> {
     let neg = b.get(*i) == Some(&b'-');
     if neg {
         *i += 1;
     }
     let start = *i;
-    let mut v: i64 = 0;
+    let mut v: u64 = 0;
+    while let Some(w) = b
+        .get(*i..*i + 8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("eight bytes")))
+        .filter(|w| all_digits(*w))
+    {
+        v = v.checked_mul(100_000_000)?.checked_add(eight_digits(w))?;
+        *i += 8;
+    }
     while let Some(c) = b.get(*i).filter(|c| c.is_ascii_digit()) {
-        v = v.checked_mul(10)?.checked_add(i64::from(c - b'0'))?;
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
         *i += 1;
     }
+    let v = i64::try_from(v).ok()?;
     let digits = *i - start;
     if digits == 0
         || (digits > 1 && b[start] == b'0')
@@ -167,32 +216,34 @@ fn scan(text: &str) -> Option<Fast<'_>> {
         skip_ws(b, &mut i);
         expect(b, &mut i, b':')?;
         skip_ws(b, &mut i);
-        let key = &b[ks..ke];
-        match key {
-            b"event_id" | b"campaign_id" | b"creative_id" | b"user_id" => {
-                let (s, e) = plain_str(b, &mut i)?;
-                let slot = match key {
-                    b"event_id" => &mut ev,
-                    b"campaign_id" => &mut cp,
-                    b"creative_id" => &mut cr,
-                    _ => &mut us,
-                };
-                if slot.replace(&text[s..e]).is_some() {
-                    return None; // a duplicate: serde_json decides
-                }
-            }
+        let slot = match &b[ks..ke] {
+            b"event_id" => Some(&mut ev),
+            b"campaign_id" => Some(&mut cp),
+            b"creative_id" => Some(&mut cr),
+            b"user_id" => Some(&mut us),
             b"action" => {
                 let (s, e) = plain_str(b, &mut i)?;
                 if action.replace(Action::parse(&text[s..e])?).is_some() {
                     return None;
                 }
+                None
             }
             b"ts" => {
                 if ts.replace(integer(b, &mut i)?).is_some() {
                     return None;
                 }
+                None
             }
-            _ => skip_value(b, &mut i)?,
+            _ => {
+                skip_value(b, &mut i)?;
+                None
+            }
+        };
+        if let Some(slot) = slot {
+            let (s, e) = plain_str(b, &mut i)?;
+            if slot.replace(&text[s..e]).is_some() {
+                return None; // a duplicate: serde_json decides
+            }
         }
         skip_ws(b, &mut i);
         match b.get(i)? {
@@ -321,6 +372,29 @@ mod tests {
     }
 
     #[test]
+    fn integers_eight_digits_at_a_time() {
+        let int = |t: &str| integer(t.as_bytes(), &mut 0);
+        for (t, want) in [
+            ("7", Some(7)),
+            ("12345678", Some(12_345_678)),
+            ("1700000000123,", Some(1_700_000_000_123)),
+            ("1234567812345678", Some(1_234_567_812_345_678)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775807", Some(-i64::MAX)),
+            ("9223372036854775808", None),
+            ("-9223372036854775808", None),
+            ("123456789012345678901234", None),
+            ("01234567", None),
+            ("12345678.5", None),
+            ("1234567e8", None),
+            ("-0", None),
+            ("-", None),
+        ] {
+            assert_eq!(int(t), want, "{t}");
+        }
+    }
+
+    #[test]
     fn valid_and_invalid() {
         let ok = br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"click","ts":5,"x":1}"#;
         assert_eq!(parse_reaction(Some(ok)).unwrap().action, Action::Click);
@@ -367,6 +441,16 @@ mod tests {
                 .prop_map(|t| format!(r#""ts":{t}"#)),
             "[a-z_]{1,6}".prop_map(|k| format!(r#""{k}":1"#)),
             Just(r#""x":"a\"b""#.to_string()),
+            // Long strings (eight bytes at a time), with an escape or a raw
+            // control character at any position.
+            "[a-zé]{0,20}".prop_map(|v| format!(r#""x":"{v}""#)),
+            (
+                "[a-z]{0,12}",
+                "(\\\\\"|\\\\n|\u{1}|\t|\u{7f})",
+                "[a-z]{0,12}"
+            )
+                .prop_map(|(a, m, b)| format!(r#""x":"{a}{m}{b}""#)),
+            "[a-zé]{0,20}".prop_map(|v| format!(r#""event_id":"{v}""#)),
             Just(r#""x":{"y":1}"#.to_string()),
             Just(r#""x":[1]"#.to_string()),
             Just(r#""x":null"#.to_string()),
@@ -425,8 +509,8 @@ mod tests {
         /// The fast path never disagrees with the full validation.
         #[test]
         fn fast_path_agrees_with_full_validation(
-            ev in "[a-z\\\\\"]{0,3}",
-            c in "[a-z\\\\\"é]{0,3}",
+            ev in "[a-z\\\\\"]{0,12}",
+            c in "[a-z\\\\\"é]{0,12}",
             action in "(send|click|impression|buy)",
             ts in proptest::prop_oneof![proptest::strategy::Just("-1".to_string()), "[0-9]{1,3}", proptest::strategy::Just("1.5".to_string()), proptest::strategy::Just("null".to_string())],
             dup in proptest::bool::ANY,
