@@ -141,16 +141,63 @@ pub fn produce(
 enum RawTuning {
     /// What makes a plain consumer fastest on this broker (`BROKERS.md`):
     /// short fetch waits and a deep prefetch queue, whatever the memory.
-    /// This is the ceiling.
+    /// One consumer of every partition: this is the ceiling.
     Fastest,
-    /// The aggregators' own fetch settings (small prefetch): what reading
-    /// alone costs them.
+    /// The same, one consumer (connection) per partition.
+    FastestPerPartition,
+    /// The aggregators' own fetch settings (small prefetch, one connection
+    /// per partition): what reading alone costs them.
     Aggregators,
 }
 
-/// A plain consumer of `topic` from the beginning: records per second
-/// until every partition is at its end.
+/// Plain consumers of `topic` from the beginning (one, or one per
+/// partition): records per second from the first record until every
+/// partition is at its end.
 fn raw_consume(brokers: &str, topic: &str, ends: &[u64], tuning: RawTuning) -> anyhow::Result<f64> {
+    let groups: Vec<Vec<usize>> = match tuning {
+        RawTuning::Fastest => vec![(0..ends.len()).collect()],
+        RawTuning::FastestPerPartition | RawTuning::Aggregators => {
+            (0..ends.len()).map(|p| vec![p]).collect()
+        }
+    };
+    let runs = std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .iter()
+            .map(|parts| {
+                scope.spawn(move || raw_consume_parts(brokers, topic, ends, parts, tuning))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("raw consumer panicked"))?
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let first = runs
+        .iter()
+        .map(|r| r.0)
+        .min()
+        .expect("one consumer at least");
+    let last = runs
+        .iter()
+        .map(|r| r.1)
+        .max()
+        .expect("one consumer at least");
+    let total: u64 = ends.iter().sum();
+    Ok(total as f64 / (last - first).as_secs_f64().max(1e-6))
+}
+
+/// One plain consumer of `parts`: when it read its first record and when
+/// its last.
+fn raw_consume_parts(
+    brokers: &str,
+    topic: &str,
+    ends: &[u64],
+    parts: &[usize],
+    tuning: RawTuning,
+) -> anyhow::Result<(Instant, Instant)> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", format!("raw-{}", uuid::Uuid::new_v4().simple()))
@@ -158,7 +205,7 @@ fn raw_consume(brokers: &str, topic: &str, ends: &[u64], tuning: RawTuning) -> a
         .set("isolation.level", "read_committed")
         .set("log_level", "3");
     match tuning {
-        RawTuning::Fastest => {
+        RawTuning::Fastest | RawTuning::FastestPerPartition => {
             cfg.set("fetch.wait.max.ms", "5")
                 .set("fetch.queue.backoff.ms", "5")
                 .set("queued.min.messages", "1000000");
@@ -167,11 +214,11 @@ fn raw_consume(brokers: &str, topic: &str, ends: &[u64], tuning: RawTuning) -> a
     }
     let c: BaseConsumer = cfg.create()?;
     let mut tpl = TopicPartitionList::new();
-    for p in 0..ends.len() {
+    for &p in parts {
         tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
     }
     c.assign(&tpl)?;
-    let total: u64 = ends.iter().sum();
+    let total: u64 = parts.iter().map(|&p| ends[p]).sum();
     let mut seen = 0u64;
     let mut bytes = 0usize;
     // Timed from the first record: connecting is not consuming.
@@ -184,12 +231,11 @@ fn raw_consume(brokers: &str, topic: &str, ends: &[u64], tuning: RawTuning) -> a
             bytes += m.payload().map(|p| p.len()).unwrap_or(0);
         }
     }
-    let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(1.0);
     std::hint::black_box(bytes);
     if seen < total {
         bail!("raw consumer read {seen} of {total} records");
     }
-    Ok(total as f64 / secs)
+    Ok((started.unwrap_or_else(Instant::now), Instant::now()))
 }
 
 /// Reads a group's committed offsets with one long-lived client (a client
@@ -656,7 +702,11 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
     );
     let broker_cpu = || a.broker_pid.map(cpu_seconds);
     let mut raws = Vec::new();
-    for tuning in [RawTuning::Fastest, RawTuning::Aggregators] {
+    for tuning in [
+        RawTuning::Fastest,
+        RawTuning::Aggregators,
+        RawTuning::FastestPerPartition,
+    ] {
         let (brokers, topic, e2) = (a.brokers.clone(), topics.reactions.clone(), ends.clone());
         let (own0, broker0) = (cpu_seconds(std::process::id()), broker_cpu());
         let raw = tokio::task::spawn_blocking(move || raw_consume(&brokers, &topic, &e2, tuning))
@@ -666,7 +716,8 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
         eprintln!("raw consume ({tuning:?} tuning): {raw:.0} records/s, {own:.2} CPU-s, broker {broker:?} CPU-s");
         raws.push((raw, own, broker));
     }
-    let ((raw, raw_cpu, raw_broker_cpu), (raw_same, _, _)) = (raws[0], raws[1]);
+    let ((raw, raw_cpu, raw_broker_cpu), (raw_same, _, _), (raw_per_partition, _, _)) =
+        (raws[0], raws[1], raws[2]);
 
     // The aggregation run.
     let spawned = Instant::now();
@@ -791,6 +842,8 @@ pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {
         "raw_ratio": ((total as f64 / secs) / raw * 100.0).round() / 100.0,
         "raw_consume_same_settings_events_per_s": raw_same.round(),
         "raw_ratio_same_settings": ((total as f64 / secs) / raw_same * 100.0).round() / 100.0,
+        "raw_consume_per_partition_events_per_s": raw_per_partition.round(),
+        "raw_ratio_per_partition": ((total as f64 / secs) / raw_per_partition * 100.0).round() / 100.0,
         "restore_ms": restore_ms,
         "rebuild_ms": rebuild_ms,
         "rebuild_changelog_records": rebuild_records,

@@ -8,9 +8,12 @@
 //!   "caught up" is decided by partition EOF, never by the high watermark;
 //! * a group membership ([`KafkaGroup`]) runs its consumer on a dedicated
 //!   thread that turns rebalance callbacks into [`PartitionEvent`]s (a revoke
-//!   waits, bounded, for the partitions to be drained); each owned
-//!   partition's records come through its own librdkafka queue, split off
-//!   before fetching starts and read in batches without copying
+//!   waits, bounded, for the partitions to be drained); the member's own
+//!   fetching is paused, and each owned partition is fetched by its reader
+//!   over a connection of its own (a group-less consumer of just that
+//!   partition, `Fetcher`), so partitions do not wait for each other's
+//!   fetches; its records come through the partition's librdkafka queue,
+//!   split off before fetching starts and read in batches without copying
 //!   (`kafka_queue`), bounded by librdkafka (backpressure);
 //! * each membership has one transactional producer (EOS v2: the group's
 //!   metadata and offsets go into the transaction), driven by a dedicated
@@ -143,20 +146,25 @@ impl KafkaSettings {
 
 /// Fetch tuning of every consumer that reads a partition to its end: the
 /// broker answers a fetch after at most 5 ms instead of 500, and the local
-/// prefetch is small. With split partition queues librdkafka bounds each
-/// partition's queue (about 3,000 records or 2 MB, plus one fetch response
-/// of at most ~1 MB or one record batch): a reader that falls behind stops
-/// its partition's fetching, so memory stays bounded (backpressure).
-/// Measured (`bench aggregate`, BENCHMARKS.md): deeper queues buy little
-/// speed and cost tens of MB (every queued record holds a ~200-byte
-/// librdkafka op besides its bytes).
+/// prefetch is small. librdkafka bounds each partition's queue (about
+/// 3,000 records or 2 MB, plus one fetch response): a reader that falls
+/// behind stops its partition's fetching, so memory stays bounded
+/// (backpressure). A response carries at most ~512 KB, or one record batch
+/// when a batch is larger (`fetch.max.bytes` must not be below
+/// `message.max.bytes`, hence both): group readers fetch each partition
+/// over a connection of its own (`Fetcher`), so these bounds hold per
+/// partition, and every queued record holds a ~300-byte librdkafka op
+/// besides its bytes. Measured (`bench aggregate`, BENCHMARKS.md): 1 MB
+/// fetches over per-partition connections held ~12 MB more RSS and were no
+/// faster; deeper queues buy little and cost tens of MB.
 pub fn consumer_tuning(c: &mut ClientConfig) {
     c.set("fetch.wait.max.ms", "5")
         .set("fetch.queue.backoff.ms", "5")
         .set("queued.min.messages", "3000")
         .set("queued.max.messages.kbytes", "2048")
-        .set("max.partition.fetch.bytes", "1048576")
-        .set("fetch.max.bytes", "1048576");
+        .set("message.max.bytes", "524288")
+        .set("max.partition.fetch.bytes", "524288")
+        .set("fetch.max.bytes", "524288");
 }
 
 struct Inner {
@@ -1045,10 +1053,15 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts = partitions_of(tpl, &self.topic);
             if !parts.is_empty() {
+                // The member owns its partitions; each reader fetches its
+                // partition over a connection of its own (see `Fetcher`).
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(topic = %self.topic, error = %e, "cannot pause the group consumer's partitions");
+                }
                 let _ = self.events.send(PartitionEvent::Assigned(parts));
             }
         }
@@ -1058,6 +1071,7 @@ impl ConsumerContext for GroupContext {
 /// Membership of one consumer group on one topic (see the module docs).
 pub struct KafkaGroup {
     topic: String,
+    settings: KafkaSettings,
     consumer: Arc<BaseConsumer<GroupContext>>,
     routes: SharedRoutes,
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<PartitionEvent>>,
@@ -1116,6 +1130,7 @@ impl KafkaGroup {
         };
         Ok(KafkaGroup {
             topic: topic.to_string(),
+            settings: s.clone(),
             consumer,
             routes,
             events: tokio::sync::Mutex::new(erx),
@@ -1193,14 +1208,76 @@ fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, t
     routes.queues.clear();
 }
 
-/// A reader of an owned partition: reads its split queue. "No record
+/// The fetching of one owned partition, over a connection of its own: a
+/// plain read_committed consumer of just that partition (assigned, never
+/// joining a group), started at the reader's position, whose partition queue is
+/// split off and read in batches. librdkafka keeps one fetch in flight per
+/// connection, and a broker may answer a fetch of several partitions with
+/// one partition's records (Tansu does), so a member fetching all its
+/// partitions over one connection starves them in turn; with a connection
+/// per partition the fetches run in parallel (measured: BENCHMARKS.md).
+/// The group consumer keeps the membership, the offsets and the
+/// transactions' group metadata; its own fetching of the partitions is
+/// paused. Each queue stays bounded by `consumer_tuning` (backpressure).
+struct Fetcher {
+    /// Both are released off the async workers (closing a client blocks).
+    inner: Option<(SplitQueue<QuietContext>, Arc<FetchClient>)>,
+}
+
+type FetchClient = BaseConsumer<QuietContext>;
+
+impl Fetcher {
+    /// Blocking: creates a client.
+    fn start(s: &KafkaSettings, topic: &str, partition: u32, from: u64) -> Result<Self, IoError> {
+        let consumer: BaseConsumer<QuietContext> = s
+            .reader_config()
+            .create_with_context(QuietContext)
+            .map_err(|e| IoError::Fatal(format!("kafka fetch client: {e}")))?;
+        let consumer = Arc::new(consumer);
+        // Split before assigning: nothing is fetched into the main queue.
+        let queue = SplitQueue::split(consumer.clone(), topic, partition).ok_or_else(|| {
+            IoError::Fatal(format!("{topic}/{partition}: cannot split the fetch queue"))
+        })?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
+            .map_err(|e| kafka_error("fetch assignment", e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| kafka_error("fetch assign", e))?;
+        Ok(Fetcher {
+            inner: Some((queue, consumer)),
+        })
+    }
+
+    fn queue(&self) -> &SplitQueue<QuietContext> {
+        &self.inner.as_ref().expect("live fetcher").0
+    }
+
+    fn consumer(&self) -> &Arc<FetchClient> {
+        &self.inner.as_ref().expect("live fetcher").1
+    }
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        if let Some((queue, consumer)) = self.inner.take() {
+            let _ = std::thread::Builder::new()
+                .name("fetch-close".into())
+                .spawn(move || {
+                    drop(queue);
+                    drop(consumer);
+                });
+        }
+    }
+}
+
+/// A reader of an owned partition: reads its fetcher's queue. "No record
 /// within `wait`" is what caught up means here (the contract's idle rule);
 /// `at_end` tells whether librdkafka reported the end of the partition.
 struct GroupReader {
-    consumer: Arc<BaseConsumer<GroupContext>>,
+    fetcher: Fetcher,
     topic: String,
     partition: u32,
-    queue: Queue,
     owned: Arc<AtomicBool>,
     position: u64,
     /// A seek has not taken effect yet: what is queued may be from before
@@ -1224,7 +1301,7 @@ impl GroupReader {
     /// Seek the consumer to our position, off the async workers.
     fn start_seek(&mut self) {
         self.seek_pending.store(true, Ordering::SeqCst);
-        let consumer = self.consumer.clone();
+        let consumer = self.fetcher.consumer().clone();
         let pending = self.seek_pending.clone();
         let failed = self.seek_failed.clone();
         let topic = self.topic.clone();
@@ -1251,7 +1328,7 @@ impl GroupReader {
         let mut n = 0;
         let (position, at_end) = (&mut self.position, &mut self.at_end);
         let topic = &self.topic;
-        self.queue.drain(max, |item| match item {
+        self.fetcher.queue().drain(max, |item| match item {
             Polled::Eof => *at_end = true,
             Polled::Error(e) => {
                 tracing::warn!(topic = %topic, error = %e, "partition consumer error")
@@ -1307,7 +1384,7 @@ impl PartitionReader for GroupReader {
             }
             let was_at_end = self.at_end;
             let n = self.take(max, f);
-            self.queued.set(self.queue.len() as f64);
+            self.queued.set(self.fetcher.queue().len() as f64);
             // Records, or the end of the partition just reached: the caller
             // need not wait for more to know it is caught up.
             if n > 0 || (self.at_end && !was_at_end) {
@@ -1315,7 +1392,7 @@ impl PartitionReader for GroupReader {
             }
             // Nothing queued: wait for the queue to fill, up to the deadline.
             let waiting = Instant::now();
-            let timed_out = tokio::time::timeout_at(deadline, self.queue.wait())
+            let timed_out = tokio::time::timeout_at(deadline, self.fetcher.queue().wait())
                 .await
                 .is_err();
             self.starved.record(waiting.elapsed().as_secs_f64());
@@ -1353,7 +1430,7 @@ impl GroupMember for KafkaGroup {
     }
 
     async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {
-        let (queue, owned, stray) = {
+        let (group_queue, owned, stray) = {
             let routes = self.routes.lock().expect("routes lock");
             let route = routes.owned.get(&partition).ok_or_else(|| {
                 IoError::Retryable(format!("{}/{partition}: partition not owned", self.topic))
@@ -1364,18 +1441,21 @@ impl GroupMember for KafkaGroup {
                 route.stray.clone(),
             )
         };
-        // Where the previous reader of this partition (if any) stopped.
-        let app = self.consumer.position().ok().and_then(|tpl| {
-            match tpl.find_partition(&self.topic, partition as i32)?.offset() {
-                Offset::Offset(o) if o >= 0 => Some(o as u64),
-                _ => None,
-            }
-        });
-        let mut reader = GroupReader {
-            consumer: self.consumer.clone(),
+        // What the group consumer fetched before its partition was paused
+        // is never read: release it.
+        group_queue.drain(usize::MAX, |_| {});
+        // A stray record went to the group queue before: the fetcher starts
+        // exactly where asked anyway.
+        stray.store(false, Ordering::SeqCst);
+        let (s, topic) = (self.settings.clone(), self.topic.clone());
+        let fetcher =
+            tokio::task::spawn_blocking(move || Fetcher::start(&s, &topic, partition, from))
+                .await
+                .map_err(|e| IoError::Fatal(format!("fetcher task: {e}")))??;
+        let reader = GroupReader {
+            fetcher,
             topic: self.topic.clone(),
             partition,
-            queue,
             owned,
             position: from,
             seek_pending: Arc::default(),
@@ -1387,18 +1467,6 @@ impl GroupMember for KafkaGroup {
             starved: metrics::histogram!("smartmsg_partition_input_wait_seconds",
                 "topic" => self.topic.clone(), "partition" => partition.to_string()),
         };
-        // Start exactly where asked: a restarted reader would go on from
-        // wherever its predecessor stopped, a fresh assignment fetches from
-        // the committed offset (the restored state may lie behind it).
-        let start = match app {
-            Some(o) => Some(o),
-            None => self.committed(partition).await?,
-        };
-        // After a stray record, the queue lacks it: go back for it.
-        let had_stray = reader.stray.swap(false, Ordering::SeqCst);
-        if had_stray || start.unwrap_or(0) != from {
-            reader.seek(from);
-        }
         Ok(Box::new(reader))
     }
 
