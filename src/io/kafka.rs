@@ -10,9 +10,9 @@
 //!   thread that turns rebalance callbacks into [`PartitionEvent`]s (a revoke
 //!   waits, bounded, for the partitions to be drained); the member's own
 //!   fetching is paused, and each owned partition is fetched by its reader
-//!   over a connection of its own (a group-less consumer of just that
-//!   partition, `Fetcher`), so partitions do not wait for each other's
-//!   fetches; its records come through the partition's librdkafka queue,
+//!   over a connection of its own (a consumer of just that partition that
+//!   never joins the group, `Fetcher`), so partitions do not wait for each
+//!   other's fetches; its records come through the partition's librdkafka queue,
 //!   split off before fetching starts and read in batches without copying
 //!   (`kafka_queue`), bounded by librdkafka (backpressure);
 //! * each membership has one transactional producer (EOS v2: the group's
@@ -922,23 +922,11 @@ impl TxnWriter for TxnCoordinator {
 // ---------------------------------------------------------------------------
 // Consumer groups
 
-type Queue = Arc<SplitQueue<GroupContext>>;
-
-/// An owned partition: its split queue, whether it is still ours, and
-/// whether a record of it reached the group queue instead (not expected:
-/// queues are split before fetching starts), so its split queue lacks one.
-struct Route {
-    queue: Queue,
-    owned: Arc<AtomicBool>,
-    stray: Arc<AtomicBool>,
-}
-
+/// The owned partitions, each with a flag that turns false once it is no
+/// longer ours (its reader then stops).
 #[derive(Default)]
 struct Routes {
-    owned: HashMap<u32, Route>,
-    /// Split queues, kept for the membership's life: a queue once split
-    /// stays split through later assignments, so it is reused.
-    queues: HashMap<u32, Queue>,
+    owned: HashMap<u32, Arc<AtomicBool>>,
 }
 
 type SharedRoutes = Arc<Mutex<Routes>>;
@@ -947,8 +935,6 @@ struct GroupContext {
     topic: String,
     events: mpsc::UnboundedSender<PartitionEvent>,
     routes: SharedRoutes,
-    /// The consumer itself (set once it exists), to split queues off it.
-    consumer: std::sync::OnceLock<std::sync::Weak<BaseConsumer<GroupContext>>>,
     /// Set when leaving: the partitions were drained already, so a revoke
     /// need not wait for anyone.
     stopping: Arc<AtomicBool>,
@@ -969,37 +955,12 @@ fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<u32> {
 }
 
 impl GroupContext {
-    /// Split the queues of newly assigned partitions, before librdkafka
-    /// starts fetching them, and mark them owned.
+    /// Mark newly assigned partitions owned.
     fn take_ownership(&self, parts: &[u32]) {
-        let Some(consumer) = self.consumer.get().and_then(|w| w.upgrade()) else {
-            return;
-        };
         let mut routes = self.routes.lock().expect("routes lock");
         for &p in parts {
-            let queue = match routes.queues.get(&p) {
-                Some(q) => q.clone(),
-                None => match SplitQueue::split(consumer.clone(), &self.topic, p) {
-                    Some(q) => {
-                        let q = Arc::new(q);
-                        routes.queues.insert(p, q.clone());
-                        q
-                    }
-                    None => {
-                        tracing::error!(topic = %self.topic, partition = p, "cannot split the partition's queue");
-                        continue;
-                    }
-                },
-            };
-            if let Some(old) = routes.owned.insert(
-                p,
-                Route {
-                    queue,
-                    owned: Arc::new(AtomicBool::new(true)),
-                    stray: Arc::default(),
-                },
-            ) {
-                old.owned.store(false, Ordering::SeqCst);
+            if let Some(old) = routes.owned.insert(p, Arc::new(AtomicBool::new(true))) {
+                old.store(false, Ordering::SeqCst);
             }
         }
     }
@@ -1007,8 +968,8 @@ impl GroupContext {
     fn give_up(&self, parts: &[u32]) {
         let mut routes = self.routes.lock().expect("routes lock");
         for p in parts {
-            if let Some(r) = routes.owned.remove(p) {
-                r.owned.store(false, Ordering::SeqCst);
+            if let Some(owned) = routes.owned.remove(p) {
+                owned.store(false, Ordering::SeqCst);
             }
         }
     }
@@ -1104,12 +1065,10 @@ impl KafkaGroup {
                 topic: topic.to_string(),
                 events: etx,
                 routes: routes.clone(),
-                consumer: std::sync::OnceLock::new(),
                 stopping: stop.clone(),
             })
             .map_err(|e| IoError::Fatal(format!("kafka group consumer: {e}")))?;
         let consumer = Arc::new(consumer);
-        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer
             .subscribe(&[topic])
             .map_err(|e| kafka_error("subscribe", e))?;
@@ -1163,25 +1122,13 @@ fn tpl_one(topic: &str, p: u32) -> TopicPartitionList {
     tpl
 }
 
-/// Serve the group: rebalances and consumer errors. Records come through
-/// the partitions' split queues; one fetched before its partition was
-/// split would arrive here, and is dropped (its reader sees the gap and
-/// seeks back to it).
+/// Serve the group: rebalances and consumer errors. The partitions are
+/// read by their own fetchers; a record this consumer fetched before its
+/// partition was paused is a copy of what the fetcher reads, and is dropped.
 fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, topic: String) {
     while !stop.load(Ordering::SeqCst) {
         match consumer.poll(Duration::from_millis(50)) {
-            Some(Ok(m)) => {
-                // Not expected (queues are split before fetching starts):
-                // the partition's reader fails, and its actor restarts from
-                // its committed state.
-                tracing::error!(topic = %topic, partition = m.partition(), offset = m.offset(),
-                    "record outside its partition's split queue; the partition's reader restarts");
-                let routes = consumer.context().routes.lock().expect("routes lock");
-                if let Some(r) = routes.owned.get(&(m.partition() as u32)) {
-                    r.stray.store(true, Ordering::SeqCst);
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Ok(_)) | Some(Err(KafkaError::PartitionEOF(_))) | None => {}
             Some(Err(e)) => tracing::warn!(topic = %topic, error = %e, "group consumer error"),
         }
     }
@@ -1198,20 +1145,17 @@ fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, stop: Arc<AtomicBool>, t
             break;
         }
     }
-    // The split queues hold the consumer: release them so it can close.
-    let routes = consumer.context().routes.clone();
-    let mut routes = routes.lock().expect("routes lock");
-    for r in routes.owned.values() {
-        r.owned.store(false, Ordering::SeqCst);
+    let mut routes = consumer.context().routes.lock().expect("routes lock");
+    for owned in routes.owned.values() {
+        owned.store(false, Ordering::SeqCst);
     }
     routes.owned.clear();
-    routes.queues.clear();
 }
 
 /// The fetching of one owned partition, over a connection of its own: a
 /// plain read_committed consumer of just that partition (assigned, never
-/// joining a group), started at the reader's position, whose partition queue is
-/// split off and read in batches. librdkafka keeps one fetch in flight per
+/// joining a group), started at the reader's position; its partition
+/// queue is split off and read in batches. librdkafka keeps one fetch in flight per
 /// connection, and a broker may answer a fetch of several partitions with
 /// one partition's records (Tansu does), so a member fetching all its
 /// partitions over one connection starves them in turn; with a connection
@@ -1287,8 +1231,6 @@ struct GroupReader {
     /// A seek that never succeeded: what was dropped meanwhile is not
     /// coming back, so the reader fails.
     seek_failed: Arc<AtomicBool>,
-    /// Set when a record of ours went to the group queue (see `Route`).
-    stray: Arc<AtomicBool>,
     /// The consumer reported the end of the partition after our last record.
     at_end: bool,
     /// Records fetched and not yet read (`smartmsg_partition_queue_records`).
@@ -1376,9 +1318,9 @@ impl PartitionReader for GroupReader {
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            if self.stray.load(Ordering::SeqCst) || self.seek_failed.load(Ordering::SeqCst) {
+            if self.seek_failed.load(Ordering::SeqCst) {
                 return Err(IoError::Retryable(format!(
-                    "{}/{}: records of the partition went astray (a failed seek, or a record outside its queue)",
+                    "{}/{}: a seek failed: the records in between are not coming",
                     self.topic, self.partition
                 )));
             }
@@ -1430,23 +1372,12 @@ impl GroupMember for KafkaGroup {
     }
 
     async fn reader(&self, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, IoError> {
-        let (group_queue, owned, stray) = {
+        let owned = {
             let routes = self.routes.lock().expect("routes lock");
-            let route = routes.owned.get(&partition).ok_or_else(|| {
+            routes.owned.get(&partition).cloned().ok_or_else(|| {
                 IoError::Retryable(format!("{}/{partition}: partition not owned", self.topic))
-            })?;
-            (
-                route.queue.clone(),
-                route.owned.clone(),
-                route.stray.clone(),
-            )
+            })?
         };
-        // What the group consumer fetched before its partition was paused
-        // is never read: release it.
-        group_queue.drain(usize::MAX, |_| {});
-        // A stray record went to the group queue before: the fetcher starts
-        // exactly where asked anyway.
-        stray.store(false, Ordering::SeqCst);
         let (s, topic) = (self.settings.clone(), self.topic.clone());
         let fetcher =
             tokio::task::spawn_blocking(move || Fetcher::start(&s, &topic, partition, from))
@@ -1460,7 +1391,6 @@ impl GroupMember for KafkaGroup {
             position: from,
             seek_pending: Arc::default(),
             seek_failed: Arc::default(),
-            stray,
             at_end: false,
             queued: metrics::gauge!("smartmsg_partition_queue_records",
                 "topic" => self.topic.clone(), "partition" => partition.to_string()),

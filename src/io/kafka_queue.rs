@@ -1,5 +1,5 @@
-//! A partition's own fetch queue, split off its group consumer's queue and
-//! read in batches without copying records.
+//! A partition's own fetch queue, split off its consumer's queue and read
+//! in batches without copying records.
 //!
 //! rdkafka offers `split_partition_queue`, but only a per-message `poll`
 //! that allocates per message; librdkafka's `rd_kafka_consume_batch_queue`
@@ -7,9 +7,8 @@
 //! buffers. This is the small FFI around it:
 //!
 //! * the queue is split before librdkafka starts fetching the partition
-//!   (from the rebalance callback, before `assign`): `rd_kafka_queue_forward
-//!   (q, NULL)` marks the queue as forwarded by the application, so later
-//!   assignments leave it split;
+//!   (before `assign`): `rd_kafka_queue_forward(q, NULL)` marks the queue
+//!   as forwarded by the application, so later assignments leave it split;
 //! * librdkafka bounds each split queue by `queued.min.messages` and
 //!   `queued.max.messages.kbytes`: a reader that falls behind stops the
 //!   fetching of its partition (backpressure) and memory stays bounded;
