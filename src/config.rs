@@ -133,6 +133,32 @@ pub struct KafkaConfig {
     pub group_id: String,
     pub session_timeout_ms: u64,
     pub replication_factor: u64,
+    /// Compression of the record batches this node writes.
+    pub compression: Compression,
+}
+
+/// Record batch compression of the node's producers (Kafka's codecs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    /// librdkafka's `compression.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,6 +273,14 @@ impl Config {
             "log",
             "format",
             &["text", "json"],
+            &mut errors,
+        );
+        check_enum(
+            &defaults,
+            &mut merged,
+            "kafka",
+            "compression",
+            &["none", "gzip", "snappy", "lz4", "zstd"],
             &mut errors,
         );
         let config: Option<Config> = {
@@ -498,6 +532,13 @@ mod tests {
         assert_eq!(c.http.listen, "127.0.0.1:18080");
         assert_eq!(c.kafka.partitions, 4);
         assert!(!c.aggregator.hopping_enabled);
+        assert_eq!(c.kafka.compression, Compression::Lz4);
+        let c =
+            Config::load_from(None, env_map(&[("SMARTMSG__KAFKA__COMPRESSION", "zstd")])).unwrap();
+        assert_eq!(c.kafka.compression.as_str(), "zstd");
+        let err = Config::load_from(None, env_map(&[("SMARTMSG__KAFKA__COMPRESSION", "brotli")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("kafka.compression"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use common::tansu::Tansu;
 use common::{client, eventually, free_port, now_ms};
 use rand::Rng;
 use serde_json::{json, Value};
+use smartmsg::config::Compression;
 use smartmsg::domain::campaign::{Event, EventBody};
 use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
 use std::collections::{BTreeMap, HashMap};
@@ -254,6 +255,7 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
         brokers: brokers.clone(),
         session_timeout_ms: 6000,
         replication_factor: 1,
+        compression: Compression::Lz4,
         client_id: "checker".into(),
     })
     .await
@@ -388,6 +390,7 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
         brokers: brokers.clone(),
         session_timeout_ms: 6000,
         replication_factor: 1,
+        compression: Compression::Lz4,
         client_id: "checker".into(),
     })
     .await

@@ -6,6 +6,7 @@ mod common;
 
 use common::read_all;
 use common::tansu::Tansu;
+use smartmsg::config::Compression;
 use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
 use smartmsg::io::{EventLog, IoError, OffsetCommit, OutRecord, PartitionEvent, TopicSpec, Txn};
 use std::time::Duration;
@@ -15,6 +16,7 @@ fn settings(t: &Tansu, id: &str) -> KafkaSettings {
         brokers: t.brokers(),
         session_timeout_ms: 6000,
         replication_factor: 1,
+        compression: Compression::Lz4,
         client_id: id.into(),
     }
 }

@@ -21,7 +21,7 @@
 //!
 //! Blocking librdkafka calls never run on the async workers.
 
-use crate::config::Config;
+use crate::config::{Compression, Config};
 use crate::io::kafka_queue::{Polled, ProducerPoller, SplitQueue};
 use crate::io::{
     EventLog, GroupMember, IoError, OutRecord, PartitionEvent, PartitionReader, Record, RecordRef,
@@ -109,6 +109,7 @@ pub struct KafkaSettings {
     pub session_timeout_ms: u64,
     pub replication_factor: i32,
     pub client_id: String,
+    pub compression: Compression,
 }
 
 impl KafkaSettings {
@@ -118,6 +119,7 @@ impl KafkaSettings {
             session_timeout_ms: cfg.kafka.session_timeout_ms,
             replication_factor: cfg.kafka.replication_factor as i32,
             client_id: format!("smartmsg-{}", cfg.node_id()),
+            compression: cfg.kafka.compression,
         }
     }
 
@@ -231,6 +233,7 @@ impl KafkaLog {
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "2")
+            .set("compression.type", s.compression.as_str())
             .set("message.timeout.ms", "30000")
             .create_with_context(PublishContext)
             .map_err(|e| IoError::Fatal(format!("kafka producer: {e}")))?;
@@ -717,6 +720,7 @@ impl TxnCoordinator {
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "1")
+            .set("compression.type", s.compression.as_str())
             .set("transaction.timeout.ms", "10000")
             .set("message.timeout.ms", "9000")
             .create_with_context(DeliveryContext {
