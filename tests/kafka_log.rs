@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::read_all;
 use common::tansu::Tansu;
+use common::{first_assignment, read_all};
 use smartmsg::config::Compression;
 use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
 use smartmsg::io::{EventLog, IoError, OffsetCommit, OutRecord, PartitionEvent, TopicSpec, Txn};
@@ -19,19 +19,6 @@ fn settings(t: &Tansu, id: &str) -> KafkaSettings {
         compression: Compression::Lz4,
         client_id: id.into(),
     }
-}
-
-/// The partitions of a member's first assignment, sorted.
-async fn first_assignment(member: &dyn smartmsg::io::GroupMember) -> Vec<u32> {
-    let ev = tokio::time::timeout(Duration::from_secs(30), member.next_event())
-        .await
-        .expect("assignment within 30 s")
-        .unwrap();
-    let PartitionEvent::Assigned(mut parts) = ev else {
-        panic!("{ev:?}")
-    };
-    parts.sort();
-    parts
 }
 
 fn spec(name: &str, partitions: u32) -> TopicSpec {

@@ -490,7 +490,17 @@ async fn start(
     let started = Instant::now();
     let committed = args.member.committed(p).await?.unwrap_or(0);
     let store = ctx.stores.aggregator(p)?;
-    let restored = restore(&ctx, p, &store, committed).await?;
+    // The input reader connects (and starts fetching, within its bounds)
+    // while the state is restored. A restore ends at the committed offset,
+    // unless the changelog says otherwise: then the reader seeks.
+    let (reader, restored) = tokio::join!(
+        args.member.reader(p, committed),
+        restore(&ctx, p, &store, committed)
+    );
+    let (mut reader, restored) = (reader?, restored?);
+    if reader.position() != restored.input_offset {
+        reader.seek(restored.input_offset);
+    }
     let took = started.elapsed();
     metrics::histogram!("smartmsg_aggregator_restore_seconds").record(took.as_secs_f64());
     metrics::counter!("smartmsg_aggregator_restored_records_total").increment(restored.records);
@@ -506,7 +516,6 @@ async fn start(
     // A new writer epoch, above every epoch in the state restored.
     let epoch = (system_now_ms().max(0) as u64).max(restored.epoch + 1);
     let writer = args.member.writer();
-    let reader = args.member.reader(p, restored.input_offset).await?;
     myself.send_message(AggregatorMsg::Poll)?;
     let now = ctx.clock.now_ms();
     let progress = AggProgress {

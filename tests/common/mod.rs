@@ -116,3 +116,16 @@ pub fn success_stdout(out: &std::process::Output) -> String {
     );
     text
 }
+
+/// The partitions of a member's first assignment, sorted.
+pub async fn first_assignment(member: &dyn smartmsg::io::GroupMember) -> Vec<u32> {
+    let ev = tokio::time::timeout(Duration::from_secs(30), member.next_event())
+        .await
+        .expect("assignment within 30 s")
+        .unwrap();
+    let smartmsg::io::PartitionEvent::Assigned(mut parts) = ev else {
+        panic!("{ev:?}")
+    };
+    parts.sort();
+    parts
+}
