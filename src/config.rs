@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub id: String,
     /// What this node runs: "all" or a comma-separated list of roles.
     pub roles: String,
+    /// Async worker threads; 0 means half the cores, at least one.
+    pub worker_threads: u64,
 }
 
 /// The parts of the daemon a node can run.
@@ -311,6 +313,9 @@ impl Config {
         if self.amqp.prefetch == 0 || self.amqp.prefetch > 65535 {
             errors.push("amqp.prefetch: must be within 1..=65535".into());
         }
+        if self.node.worker_threads > 1024 {
+            errors.push("node.worker_threads: must be within 0..=1024 (0: half the cores)".into());
+        }
         if self.kafka.replication_factor == 0 {
             errors.push("kafka.replication_factor: must be > 0".into());
         }
@@ -374,6 +379,14 @@ impl Config {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "smartmsg".into())
+    }
+
+    /// Async worker threads of the runtime (see `node.worker_threads`).
+    pub fn worker_threads(&self) -> usize {
+        match self.node.worker_threads {
+            0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1),
+            n => n as usize,
+        }
     }
 
     /// Full topic name for a logical topic.
@@ -533,6 +546,10 @@ mod tests {
         assert_eq!(c.kafka.partitions, 4);
         assert!(!c.aggregator.hopping_enabled);
         assert_eq!(c.kafka.compression, Compression::Lz4);
+        assert!(c.worker_threads() >= 1);
+        let c =
+            Config::load_from(None, env_map(&[("SMARTMSG__NODE__WORKER_THREADS", "3")])).unwrap();
+        assert_eq!(c.worker_threads(), 3);
         let c =
             Config::load_from(None, env_map(&[("SMARTMSG__KAFKA__COMPRESSION", "zstd")])).unwrap();
         assert_eq!(c.kafka.compression.as_str(), "zstd");

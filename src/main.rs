@@ -97,6 +97,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The async runtime of a node.
+fn runtime(cfg: &smartmsg::config::Config) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads())
+        .enable_all()
+        .build()
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -108,14 +116,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { config } => {
             let cfg = load(config.as_ref());
             smartmsg::logging::init(&cfg);
-            tokio::runtime::Runtime::new()?.block_on(run(cfg))
+            runtime(&cfg)?.block_on(run(cfg))
         }
         Cmd::Bench { which } => {
             tokio::runtime::Runtime::new()?.block_on(smartmsg::bench::run(which))
         }
         Cmd::Demo(args) => {
             let cfg = load(None);
-            tokio::runtime::Runtime::new()?.block_on(smartmsg::demo::run(cfg, args))
+            runtime(&cfg)?.block_on(smartmsg::demo::run(cfg, args))
         }
     }
 }
