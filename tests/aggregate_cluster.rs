@@ -9,8 +9,8 @@
 mod common;
 
 use common::tansu::Tansu;
-use smartmsg::bench::aggregate::{committed, produce, verify, worker_config, Worker};
-use smartmsg::bench::synth::SynthSpec;
+use smartmsg::bench::aggregate::{committed, produce, verify, worker_config, Verdict, Worker};
+use smartmsg::bench::synth::{Expected, SynthSpec};
 use smartmsg::config::Config;
 use smartmsg::domain::window::FinalWindow;
 use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
@@ -41,6 +41,19 @@ fn wait_progress(log: &KafkaLog, group: &str, topic: &str, at: u64, timeout: Dur
             "aggregation stalled at {n} of {at} records"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Verify the windows and the DLQ every 2 s until they are right or
+/// `timeout` has passed; the last verdict.
+async fn verified(brokers: &str, topics: &Topics, exp: &Expected, timeout: Duration) -> Verdict {
+    let deadline = Instant::now() + timeout;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let v = tokio::task::block_in_place(|| verify(brokers, topics, PARTITIONS, exp)).unwrap();
+        if v.ok || Instant::now() > deadline {
+            return v;
+        }
     }
 }
 
@@ -100,16 +113,7 @@ async fn one_million_events_two_nodes_one_killed_twice_exact_windows() {
     );
 
     // The last windows close when the partitions have been idle.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let verdict = loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (b, t) = (brokers.clone(), topics.clone());
-        let exp_ref = &exp;
-        let v = tokio::task::block_in_place(|| verify(&b, &t, PARTITIONS, exp_ref)).unwrap();
-        if v.ok || Instant::now() > deadline {
-            break v;
-        }
-    };
+    let verdict = verified(&brokers, &topics, &exp, Duration::from_secs(90)).await;
     eprintln!("verdict: {verdict:?}");
     assert_eq!(verdict.missing, 0, "{verdict:?}");
     assert_eq!(verdict.wrong_counts, 0, "{verdict:?}");
@@ -255,16 +259,7 @@ async fn a_committed_offset_the_changelog_lacks_is_reprocessed_from_where_it_end
     );
 
     let worker = Worker::spawn(bin, &cfg_path).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let verdict = loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (b, t) = (brokers.clone(), topics.clone());
-        let exp_ref = &exp;
-        let v = tokio::task::block_in_place(|| verify(&b, &t, PARTITIONS, exp_ref)).unwrap();
-        if v.ok || Instant::now() > deadline {
-            break v;
-        }
-    };
+    let verdict = verified(&brokers, &topics, &exp, Duration::from_secs(120)).await;
     assert!(verdict.ok, "{verdict:?}");
     assert_eq!(verdict.duplicate_finals, 0, "{verdict:?}");
     assert_eq!(
