@@ -151,7 +151,15 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// librdkafka's `compression.type` value.
+    pub const ALL: [Compression; 5] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ];
+
+    /// librdkafka's `compression.type` value (also its name in the config).
     pub fn as_str(self) -> &'static str {
         match self {
             Compression::None => "none",
@@ -282,7 +290,7 @@ impl Config {
             &mut merged,
             "kafka",
             "compression",
-            &["none", "gzip", "snappy", "lz4", "zstd"],
+            &Compression::ALL.map(Compression::as_str),
             &mut errors,
         );
         let config: Option<Config> = {
