@@ -205,6 +205,12 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| tmp.path().to_path_buf());
     cfg.kafka.partitions = 4;
     cfg.model.retrain_interval_ms = 200;
+    // Event time runs `speed` times faster than real time here, so the
+    // grace (10 s by default) would tolerate only 10 s / speed of real
+    // delay — 170 ms at x60 — before a reaction counts as late. A slow
+    // disk (a sled flush) stalls the simulated senders longer than that:
+    // one real second of grace at any speed.
+    cfg.aggregator.grace_ms = cfg.aggregator.grace_ms.max((args.speed * 1000.0) as u64);
     cfg.node.id = "demo".into();
     cfg.log.level = if args.verbose {
         "info".into()
