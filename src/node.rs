@@ -19,7 +19,10 @@ use crate::io::amqp::{AmqpSettings, RabbitDelayQueue};
 use crate::io::embedded_delay::EmbeddedDelayQueue;
 use crate::io::embedded_log::EmbeddedLog;
 use crate::io::kafka::{KafkaLog, KafkaSettings};
-use crate::io::store::{AggStateStore, ReadModelStore, ReportStore, SubscriberStore, TrainerStore};
+use crate::io::store::{
+    is_lock_held, open_sled, AggStateStore, ReadModelStore, ReportStore, SubscriberStore,
+    TrainerStore,
+};
 use crate::io::topics::Topics;
 use crate::io::{GroupMember, IoError, SharedLog, SharedQueue};
 use crate::supervision::partitions::{PartitionSupervisorActor, PartitionSupervisorArgs};
@@ -71,23 +74,20 @@ pub fn open_db(cfg: &Config) -> Result<sled::Db, StartError> {
     let dir = &cfg.storage.data_dir;
     let shown = dir.display().to_string();
     std::fs::create_dir_all(dir).map_err(|e| StartError::DataDir(shown.clone(), e.to_string()))?;
-    sled::Config::new()
+    let config = sled::Config::new()
         .path(dir.join("sled"))
         .flush_every_ms(Some(200))
         .cache_capacity(cfg.storage.cache_mb * 1024 * 1024)
-        .mode(sled::Mode::LowSpace)
-        .open()
-        .map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains("lock")
-                || msg.contains("WouldBlock")
-                || msg.contains("temporarily unavailable")
-            {
-                StartError::DataDir(shown, "in use by another smartmsg process".into())
-            } else {
-                StartError::DataDir(shown, msg)
-            }
-        })
+        .mode(sled::Mode::LowSpace);
+    // A node restarted in this process finds the lock of the one it
+    // replaces for a moment; another process holding it is an error.
+    open_sled(&config, Duration::from_secs(3)).map_err(|e| {
+        if is_lock_held(&e) {
+            StartError::DataDir(shown, "in use by another smartmsg process".into())
+        } else {
+            StartError::DataDir(shown, e.to_string())
+        }
+    })
 }
 
 fn policy(cfg: &Config, strategy: Strategy) -> RestartPolicy {

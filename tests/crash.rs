@@ -178,3 +178,38 @@ async fn sigkill_mid_run_loses_nothing_and_doubles_nothing() {
     );
     assert!(log.partitions("smartmsg.campaign-events").is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_data_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut first = spawn(dir.path(), port);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+
+    let second = Command::new(env!("CARGO_BIN_EXE_smartmsg"))
+        .arg("run")
+        .env("SMARTMSG__STORAGE__DATA_DIR", dir.path())
+        .env(
+            "SMARTMSG__HTTP__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("SMARTMSG__NODE__ID", "crash-test-2")
+        .env("SMARTMSG__LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("in use by another smartmsg process"),
+        "one clear line: {err}"
+    );
+    // The first daemon is untouched.
+    let r = client()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(terminate(&mut first).success());
+}

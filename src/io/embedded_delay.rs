@@ -180,6 +180,7 @@ impl DelayQueue for EmbeddedDelayQueue {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::io::store::reopen;
     use rand::seq::SliceRandom;
 
     fn job(i: u64, due: i64) -> Job {
@@ -260,7 +261,7 @@ mod tests {
             db.flush().unwrap();
             // "crash" holding d2 unacked
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         let q = EmbeddedDelayQueue::open(&db, "t", clock).unwrap();
         let d = q
             .next_due(Duration::from_millis(10))

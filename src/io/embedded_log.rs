@@ -524,6 +524,7 @@ impl GroupMember for EmbeddedGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::store::reopen;
 
     fn spec(name: &str, partitions: u32) -> TopicSpec {
         TopicSpec {
@@ -564,7 +565,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         let log = EmbeddedLog::open(&db).unwrap();
         let p = partition_for(b"k1", 2);
         assert_eq!(log.committed("g", "a", p).await.unwrap(), Some(2));

@@ -11,6 +11,44 @@ use crate::io::IoError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// Whether opening sled failed only because its directory lock is held.
+pub fn is_lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
+        || io.to_string().contains("could not acquire lock"))
+}
+
+/// Open a sled database, waiting up to `patience` for its directory lock.
+///
+/// Dropping a `sled::Db` does not release the lock at once: sled 0.34's
+/// flusher thread holds it until that thread exits (spacejam/sled#1289),
+/// so reopening a database this process has just closed can find it held
+/// for a moment, longer on a loaded machine. Only that error is retried;
+/// any other fails at once, and a lock still held after `patience` (another
+/// process using the directory) is returned as it is.
+pub fn open_sled(config: &sled::Config, patience: std::time::Duration) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + patience;
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match config.open() {
+            Err(e) if is_lock_held(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Tests: reopen a database this process has just closed.
+#[cfg(test)]
+pub(crate) fn reopen(path: &std::path::Path) -> sled::Db {
+    open_sled(
+        &sled::Config::new().path(path),
+        std::time::Duration::from_secs(10),
+    )
+    .expect("reopen sled")
+}
+
 fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
     let mut k = b"o/".to_vec();
     k.extend_from_slice(topic.as_bytes());
@@ -473,6 +511,7 @@ impl AggStateStore {
 mod tests {
     use super::*;
     use crate::domain::campaign::{Creative, EventBody};
+    use std::time::Duration;
 
     #[test]
     fn aggregator_state_round_trips_its_parts() {
@@ -520,6 +559,27 @@ mod tests {
             ts: 0,
             body,
         }
+    }
+
+    #[test]
+    fn open_sled_waits_for_a_released_lock_and_reports_a_held_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = sled::Config::new().path(dir.path());
+        let first = cfg.open().unwrap();
+        first.insert(b"k", b"v").unwrap();
+        let held = open_sled(&cfg, Duration::from_millis(50)).unwrap_err();
+        assert!(is_lock_held(&held), "{held}");
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(first);
+        });
+        let db = open_sled(&cfg, Duration::from_secs(30)).unwrap();
+        assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        closer.join().unwrap();
+        let missing = sled::Config::new().path(dir.path().join("f"));
+        std::fs::write(dir.path().join("f"), b"not a directory").unwrap();
+        let err = open_sled(&missing, Duration::from_secs(30)).unwrap_err();
+        assert!(!is_lock_held(&err), "{err}");
     }
 
     #[test]
