@@ -150,38 +150,96 @@ const fn eight_digits(w: u64) -> u64 {
     (v * 10_000 + (v >> 32)) & 0xffff_ffff
 }
 
+/// Bytes of `w` that are not ASCII digits: the lowest set bit marks the
+/// first (a borrow or carry only leaves a byte that is flagged itself).
+const fn non_digits(w: u64) -> u64 {
+    (w.wrapping_sub(splat(b'0')) | w.wrapping_add(splat(0x46)) | w) & splat(0x80)
+}
+
+/// Eight bytes at `j`, zero-padded past the end (zero is not a digit).
+fn word_at(b: &[u8], j: usize) -> u64 {
+    let load = |k: usize| u64::from_le_bytes(b[k..k + 8].try_into().expect("eight bytes"));
+    if j + 8 <= b.len() {
+        load(j)
+    } else if b.len() >= 8 && j < b.len() {
+        // The last eight bytes, shifted down past the end.
+        load(b.len() - 8) >> (8 * (j + 8 - b.len()))
+    } else {
+        let mut buf = [0u8; 8];
+        let rest = b.get(j..).unwrap_or_default();
+        buf[..rest.len()].copy_from_slice(rest);
+        u64::from_le_bytes(buf)
+    }
+}
+
+/// The value of the first `n` (1..=8) digits of `w`: left-padded with '0's
+/// to eight.
+const fn leading_digits(w: u64, n: u32) -> u64 {
+    if n == 8 {
+        return eight_digits(w);
+    }
+    eight_digits((w << (8 * (8 - n))) | (splat(b'0') >> (8 * n)))
+}
+
+const POW10: [u64; 8] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000];
+
 /// A JSON integer (no fraction, no exponent, no leading zero) fitting i64.
-/// Eight digits at a time, then digit by digit.
+/// Up to 15 digits (a millisecond timestamp has 13): the digits of two
+/// words found and read at once; longer ones by `long_digits`.
 fn integer(b: &[u8], i: &mut usize) -> Option<i64> {
     let neg = b.get(*i) == Some(&b'-');
     if neg {
         *i += 1;
     }
     let start = *i;
-    let mut v: u64 = 0;
-    while let Some(w) = b
-        .get(*i..*i + 8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("eight bytes")))
-        .filter(|w| all_digits(*w))
-    {
-        v = v.checked_mul(100_000_000)?.checked_add(eight_digits(w))?;
-        *i += 8;
-    }
-    while let Some(c) = b.get(*i).filter(|c| c.is_ascii_digit()) {
-        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
-        *i += 1;
-    }
-    let v = i64::try_from(v).ok()?;
-    let digits = *i - start;
+    let w1 = word_at(b, start);
+    let m1 = non_digits(w1);
+    let (digits, v) = if m1 != 0 {
+        let n = m1.trailing_zeros() / 8;
+        (n as usize, if n == 0 { 0 } else { leading_digits(w1, n) })
+    } else {
+        let w2 = word_at(b, start + 8);
+        let m2 = non_digits(w2);
+        if m2 == 0 {
+            long_digits(b, start)?
+        } else {
+            let n = m2.trailing_zeros() / 8;
+            let low = if n == 0 { 0 } else { leading_digits(w2, n) };
+            (8 + n as usize, eight_digits(w1) * POW10[n as usize] + low)
+        }
+    };
+    let end = start + digits;
     if digits == 0
         || (digits > 1 && b[start] == b'0')
         // serde_json reads `-0` as a float
         || (neg && v == 0)
-        || matches!(b.get(*i), Some(b'.' | b'e' | b'E'))
+        || matches!(b.get(end), Some(b'.' | b'e' | b'E'))
     {
         return None;
     }
+    *i = end;
+    let v = i64::try_from(v).ok()?;
     Some(if neg { -v } else { v })
+}
+
+/// The digits at `start` when there are 16 or more, and their value:
+/// eight at a time with overflow checks, then one by one. `None` past u64.
+fn long_digits(b: &[u8], start: usize) -> Option<(usize, u64)> {
+    let mut j = start;
+    let mut v: u64 = 0;
+    while let Some(w) = b
+        .get(j..j + 8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("eight bytes")))
+        .filter(|w| all_digits(*w))
+    {
+        v = v.checked_mul(100_000_000)?.checked_add(eight_digits(w))?;
+        j += 8;
+    }
+    while let Some(c) = b.get(j).filter(|c| c.is_ascii_digit()) {
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+        j += 1;
+    }
+    Some((j - start, v))
 }
 
 /// Skip a simple value of a field we do not use.
@@ -269,12 +327,61 @@ fn scan(text: &str) -> Option<Fast<'_>> {
     })
 }
 
+/// The contract's own shape, as every producer of ours writes it: the six
+/// fields in CONTRACT.md's order, compact, nothing else. Literal keys are
+/// compared whole instead of dispatched one by one; `None` for anything
+/// else, and the general scanner takes over (property test below: only
+/// what serde_json accepts, with the same values).
+fn canonical(text: &str) -> Option<Fast<'_>> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    let event_id = field(text, &mut i, br#"{"event_id":"#)?;
+    let campaign_id = field(text, &mut i, br#","campaign_id":"#)?;
+    let creative_id = field(text, &mut i, br#","creative_id":"#)?;
+    let user_id = field(text, &mut i, br#","user_id":"#)?;
+    literal(b, &mut i, br#","action":""#)?;
+    let action = match b.get(i)? {
+        b's' => literal(b, &mut i, b"send\"").map(|_| Action::Send),
+        b'i' => literal(b, &mut i, b"impression\"").map(|_| Action::Impression),
+        _ => literal(b, &mut i, b"click\"").map(|_| Action::Click),
+    }?;
+    literal(b, &mut i, br#","ts":"#)?;
+    let ts = integer(b, &mut i)?;
+    (i + 1 == b.len() && b[i] == b'}').then_some(Fast {
+        event_id,
+        campaign_id,
+        creative_id,
+        user_id,
+        action,
+        ts,
+    })
+}
+
+/// The literal `l` at `i` (a fixed length: compared as a few words).
+#[inline(always)]
+fn literal<const N: usize>(b: &[u8], i: &mut usize, l: &[u8; N]) -> Option<()> {
+    let got: &[u8; N] = b.get(*i..*i + N)?.try_into().ok()?;
+    (got == l).then(|| *i += N)
+}
+
+/// The key `key` (with its opening quote and colon) at `i`, then a plain
+/// string value.
+#[inline(always)]
+fn field<'a, const N: usize>(text: &'a str, i: &mut usize, key: &[u8; N]) -> Option<&'a str> {
+    literal(text.as_bytes(), i, key)?;
+    let (s, e) = plain_str(text.as_bytes(), i)?;
+    text.get(s..e)
+}
+
 /// Parse and validate a reaction value; `Err` carries the DLQ reason.
 pub fn parse_reaction_view(value: Option<&[u8]>) -> Result<ReactionView<'_>, String> {
     // UTF-8 is checked once for the whole value (std's fast path), not per
     // string as `from_slice` does.
     if let Some(Ok(text)) = value.map(std::str::from_utf8) {
-        if let Some(f) = scan(text).or_else(|| serde_json::from_str::<Fast>(text).ok()) {
+        if let Some(f) = canonical(text)
+            .or_else(|| scan(text))
+            .or_else(|| serde_json::from_str::<Fast>(text).ok())
+        {
             let id_ok = |s: &str| !s.is_empty() && s.len() <= MAX_ID_BYTES;
             let all_set = id_ok(f.event_id)
                 && id_ok(f.campaign_id)
@@ -372,6 +479,43 @@ mod tests {
     }
 
     #[test]
+    fn canonical_shape_is_the_contracts_compact_form() {
+        for action in [Action::Send, Action::Impression, Action::Click] {
+            let r = Reaction {
+                event_id: "e1".into(),
+                campaign_id: "c7".into(),
+                creative_id: "é".into(),
+                user_id: "u42".into(),
+                action,
+                ts: 1_700_000_000_123,
+            };
+            let text = serde_json::to_string(&r).expect("serialisable");
+            let f = canonical(&text).expect("what serde_json writes is the canonical shape");
+            assert_eq!(f, serde_json::from_str::<Fast>(&text).expect("valid"));
+        }
+        // Not UTF-8 inside a string of the canonical shape: malformed.
+        let mut bad = br#"{"event_id":"e","campaign_id":"c","creative_id":"a?","user_id":"u","action":"send","ts":1}"#.to_vec();
+        let at = bad.iter().position(|c| *c == b'?').unwrap();
+        bad[at] = 0xff;
+        let e = parse_reaction_view(Some(&bad)).unwrap_err();
+        assert!(e.starts_with("malformed"), "{e}");
+        for odd in [
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1} "#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"sent","ts":1}"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"clicks","ts":1}"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"click","ts":1.5}"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"click","ts":1,"x":1}"#,
+            r#"{"campaign_id":"c","event_id":"e","creative_id":"a","user_id":"u","action":"click","ts":1}"#,
+            r#"{"event_id":"e","campaign_id":"c\"","creative_id":"a","user_id":"u","action":"click","ts":1}"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"click","ts":01}"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"click","ts":1"#,
+            r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"cl"#,
+        ] {
+            assert!(canonical(odd).is_none(), "{odd} is not the canonical shape");
+        }
+    }
+
+    #[test]
     fn integers_eight_digits_at_a_time() {
         let int = |t: &str| integer(t.as_bytes(), &mut 0);
         for (t, want) in [
@@ -389,6 +533,21 @@ mod tests {
             ("1234567e8", None),
             ("-0", None),
             ("-", None),
+            ("0", Some(0)),
+            ("0}", Some(0)),
+            ("10", Some(10)),
+            ("1234567", Some(1_234_567)),
+            ("123456789", Some(123_456_789)),
+            ("123456789012345", Some(123_456_789_012_345)),
+            ("-123456789012345}", Some(-123_456_789_012_345)),
+            ("999999999999999 ", Some(999_999_999_999_999)),
+            ("1000000000000000", Some(1_000_000_000_000_000)),
+            ("12é", Some(12)),
+            ("00", None),
+            ("-01", None),
+            ("1.", None),
+            ("17000000001E2", None),
+            ("x1", None),
         ] {
             assert_eq!(int(t), want, "{t}");
         }
@@ -466,6 +625,24 @@ mod tests {
 
     use proptest::strategy::Strategy as _;
 
+    /// What a fast path took from `text` is what serde_json reads (and it
+    /// took nothing serde_json rejects); the whole validation agrees with
+    /// the full one.
+    fn agrees_with_serde(
+        text: &str,
+        fast: Option<Fast<'_>>,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        if let Some(fast) = fast {
+            let serde: Fast =
+                serde_json::from_str(text).expect("a fast path accepted what serde rejects");
+            proptest::prop_assert_eq!(fast, serde);
+        }
+        let full = parse_reaction(Some(text.as_bytes()));
+        let view = parse_reaction_view(Some(text.as_bytes())).map(|v| v.into_owned());
+        proptest::prop_assert_eq!(full, view);
+        Ok(())
+    }
+
     proptest::proptest! {
         /// The scanner accepts only what serde_json accepts, with the same
         /// values; and the whole fast path agrees with the full validation.
@@ -497,13 +674,23 @@ mod tests {
         ) {
             let sep = format!("{},{}", ws[0], ws[1]);
             let text = format!("{}{{{}{}{}}}{}{}", ws[2], ws[3], pieces.join(&sep), ws[4], ws[5], tail);
-            if let Some(fast) = scan(&text) {
-                let serde: Fast = serde_json::from_str(&text).expect("scanner accepted what serde rejects");
-                proptest::prop_assert_eq!(fast, serde);
-            }
-            let full = parse_reaction(Some(text.as_bytes()));
-            let view = parse_reaction_view(Some(text.as_bytes())).map(|v| v.into_owned());
-            proptest::prop_assert_eq!(full, view);
+            agrees_with_serde(&text, scan(&text))?;
+        }
+
+        /// The canonical shape accepts only what serde_json accepts, with
+        /// the same values, whatever the strings, action and `ts` hold.
+        #[test]
+        fn canonical_agrees_with_serde(
+            ids in proptest::collection::vec("([a-z0-9é\"\\\\\u{1}\t]|\\\\u0041){0,10}", 4),
+            action in "(send|click|impression|buy|sen|clickk|Send|)",
+            ts in "(-?[0-9]{1,20}|0[0-9]|1\\.5|1e3|-0|null|\"7\")",
+            tail in "(}|} |}}|,|)",
+        ) {
+            let text = format!(
+                r#"{{"event_id":"{}","campaign_id":"{}","creative_id":"{}","user_id":"{}","action":"{}","ts":{}{}"#,
+                ids[0], ids[1], ids[2], ids[3], action, ts, tail
+            );
+            agrees_with_serde(&text, canonical(&text))?;
         }
 
         /// The fast path never disagrees with the full validation.
