@@ -136,3 +136,26 @@ fn bench_delay_queue_prints_its_json_line() {
     }
     assert!(v["publish_jobs_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_ingest_counts_every_valid_record_and_prints_its_json_line() {
+    let out = smartmsg()
+        .args(["bench", "ingest", "--events", "30000", "--rounds", "2"])
+        .output()
+        .unwrap();
+    let text = common::success_stdout(&out);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(v["events"], 30000);
+    // The synthetic input holds bad and late records on purpose; the bench
+    // itself fails unless every valid one was counted.
+    let (valid, rejected) = (
+        v["valid"].as_u64().unwrap(),
+        v["rejected"].as_u64().unwrap(),
+    );
+    assert_eq!(valid + rejected, 30000, "{v}");
+    assert!(rejected > 0 && valid > 29_000, "{v}");
+    assert!(v["windows_emitted"].as_u64().unwrap() > 0, "{v}");
+    for k in ["parse_ns_per_event", "parse_and_count_ns_per_event"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{v}");
+    }
+}

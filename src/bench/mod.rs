@@ -2,6 +2,7 @@
 //! progress to stderr and one JSON object on its last stdout line.
 
 pub mod aggregate;
+pub mod ingest;
 pub mod synth;
 
 use crate::clock::{system_now_ms, SharedClock, SystemClock};
@@ -20,6 +21,9 @@ pub enum BenchCmd {
     /// Reaction windows on Kafka: end-to-end rate with exactly-once, CPU,
     /// peak RSS, restore; every window verified.
     Aggregate(aggregate::AggregateArgs),
+    /// The aggregator's per-event cost (parse, validate, count) without a
+    /// broker.
+    Ingest(ingest::IngestArgs),
     /// Jobs through the RabbitMQ delay queue: publish rate and lateness.
     DelayQueue(DelayQueueArgs),
 }
@@ -56,6 +60,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::DelayQueue(a) => delay_queue(a).await,
         BenchCmd::Aggregate(a) => aggregate::run(a).await,
+        BenchCmd::Ingest(a) => ingest::run(a),
     }
 }
 
