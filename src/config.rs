@@ -187,6 +187,7 @@ pub struct AggregatorConfig {
     pub idle_close_ms: u64,
     pub hopping_enabled: bool,
     pub max_batch_records: u64,
+    pub max_batch_output: u64,
     pub commit_interval_ms: u64,
     pub checkpoint_interval_ms: u64,
 }
@@ -335,6 +336,9 @@ impl Config {
         }
         if self.aggregator.max_batch_records == 0 {
             errors.push("aggregator.max_batch_records: must be > 0".into());
+        }
+        if self.aggregator.max_batch_output == 0 {
+            errors.push("aggregator.max_batch_output: must be > 0".into());
         }
         if self.aggregator.idle_close_ms == 0 {
             errors.push("aggregator.idle_close_ms: must be > 0".into());

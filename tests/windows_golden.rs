@@ -10,10 +10,15 @@
 //!   the wall clock (idle partitions close what it says is past).
 //!
 //! `SMARTMSG_BLESS=1` rewrites the expected files (review them!).
+//!
+//! The same node also shows how a transaction is cut: by its output (final
+//! windows), not only by its input records.
 
 use serde_json::{json, Value};
 use smartmsg::clock::ManualClock;
 use smartmsg::config::Config;
+use smartmsg::domain::changelog::{TxnMarker, META_KEY};
+use smartmsg::domain::window::WindowKind;
 use smartmsg::io::OutRecord;
 use smartmsg::node::Node;
 use std::path::Path;
@@ -82,17 +87,23 @@ async fn wait_settled(node: &Node) {
     }
 }
 
+/// An aggregator-only node on the embedded backend in `data`.
+fn aggregator_config(name: &str, data: &Path) -> Config {
+    let mut cfg = Config::defaults();
+    cfg.node.id = format!("golden-{name}");
+    cfg.node.roles = "aggregator".into();
+    cfg.storage.data_dir = data.to_path_buf();
+    cfg.kafka.partitions = PARTITIONS;
+    cfg.aggregator.grace_ms = 10_000;
+    cfg.aggregator.idle_close_ms = 200;
+    cfg
+}
+
 async fn run_case(name: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/windows");
     let input = std::fs::read_to_string(dir.join(format!("{name}.input.ndjson"))).unwrap();
     let data = tempfile::tempdir().unwrap();
-    let mut cfg = Config::defaults();
-    cfg.node.id = format!("golden-{name}");
-    cfg.node.roles = "aggregator".into();
-    cfg.storage.data_dir = data.path().to_path_buf();
-    cfg.kafka.partitions = PARTITIONS;
-    cfg.aggregator.grace_ms = 10_000;
-    cfg.aggregator.idle_close_ms = 200;
+    let cfg = aggregator_config(name, data.path());
     let clock = ManualClock::new(0);
     let node = Node::start(cfg, Arc::new(clock.clone()), false)
         .await
@@ -179,4 +190,94 @@ async fn bad_and_late_records_are_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_partition_closes_its_windows_by_the_wall_clock() {
     run_case("idle").await;
+}
+
+/// The end of a final window record (its start plus its kind's size).
+fn window_end(v: &Value) -> i64 {
+    let kind = v["window"].as_str().unwrap();
+    let kind = WindowKind::parse(kind).unwrap_or_else(|| panic!("unknown window kind {kind}"));
+    v["window_start"].as_i64().unwrap() + kind.size_ms()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_cut_by_its_output_not_only_its_input() {
+    // 400 campaigns with a click each minute for 20 minutes, published at
+    // once: every event closes two windows of its own (high cardinality).
+    // Input and interval limits are out of reach, so only the output bound
+    // cuts transactions; each may exceed it by what one fetch chunk of
+    // 2,000 input records closes (2 windows per record).
+    const BOUND: usize = 500;
+    const CHUNK_FINALS: usize = 2 * 2_000;
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = aggregator_config("output-bound", data.path());
+    cfg.aggregator.max_batch_records = 1_000_000;
+    cfg.aggregator.commit_interval_ms = 3_600_000;
+    cfg.aggregator.max_batch_output = BOUND as u64;
+    let node = Node::start(cfg, Arc::new(ManualClock::new(0)), false)
+        .await
+        .unwrap();
+    let topic = node.ctx.topics.reactions.clone();
+    let mut records = Vec::new();
+    for minute in 0..20i64 {
+        for c in 0..400 {
+            let value = json!({
+                "event_id": format!("e{minute}-{c}"),
+                "campaign_id": format!("c{c}"),
+                "creative_id": "a",
+                "user_id": "u",
+                "action": "click",
+                "ts": minute * 60_000 + c,
+            });
+            records.push(OutRecord {
+                topic: topic.clone(),
+                partition: Some(0),
+                key: Some(b"u".to_vec()),
+                value: Some(value.to_string().into_bytes()),
+            });
+        }
+    }
+    let n = records.len() as u64;
+    node.ctx.log.publish(records).await.unwrap();
+    wait_processed(&node, &[n, 0]).await;
+    wait_settled(&node).await;
+
+    let mut closed_until = Vec::new();
+    let mut reader = node
+        .ctx
+        .log
+        .reader(&node.ctx.topics.aggregator_changelog, 0, 0);
+    loop {
+        let batch = reader.next_batch(10_000, Duration::ZERO).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for rec in batch {
+            if rec.key.as_deref() == Some(META_KEY) {
+                let m: TxnMarker = serde_json::from_slice(rec.value.as_deref().unwrap()).unwrap();
+                closed_until.push(m.closed_until);
+            }
+        }
+    }
+    let finals = read_topic(&node, &node.ctx.topics.aggregates).await;
+    node.shutdown().await;
+    // Stream time reaches 19:00.399, so windows ending by 18:50 are final:
+    // 18 tumbling and 14 hopping windows per campaign.
+    assert_eq!(finals.len(), 400 * (18 + 14));
+    // A final window belongs to the transaction whose marker first reports
+    // its end closed.
+    let mut per_txn = vec![0usize; closed_until.len()];
+    for (_, _, v) in &finals {
+        let end = window_end(v);
+        let t = closed_until
+            .iter()
+            .position(|&c| c >= end)
+            .expect("every final window is covered by a marker");
+        per_txn[t] += 1;
+    }
+    let most = per_txn.iter().copied().max().unwrap();
+    assert!(
+        most <= BOUND + CHUNK_FINALS,
+        "a transaction held {most} final windows: {per_txn:?}"
+    );
+    assert!(per_txn.len() >= finals.len() / (BOUND + CHUNK_FINALS));
 }

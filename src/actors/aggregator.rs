@@ -630,10 +630,14 @@ impl Actor for WindowAggregatorActor {
         }
         let has_work = st.has_work();
         // Caught up (nothing came, or the end of the partition was reached):
-        // commit now rather than at the interval.
+        // commit now rather than at the interval. Otherwise when the batch
+        // is full by its input, by its output (what it holds in memory until
+        // committed: at high key cardinality each event closes windows of
+        // its own), or old enough.
         let due = caught_up
             || st.reader.at_end()
             || st.uncommitted >= max
+            || st.engine.pending_finals() + st.dlq.len() >= cfg.max_batch_output as usize
             || st
                 .first_uncommitted
                 .map(|t| t.elapsed() >= Duration::from_millis(cfg.commit_interval_ms))

@@ -750,6 +750,11 @@ impl WindowEngine {
         self.close_until(wall_now - self.cfg.grace_ms);
     }
 
+    /// Final windows closed since the last `take_changes`.
+    pub fn pending_finals(&self) -> usize {
+        self.finals.len()
+    }
+
     /// Whether anything awaits persisting.
     pub fn has_changes(&self) -> bool {
         !self.changed.is_empty() || !self.tombstones.is_empty() || !self.finals.is_empty()
