@@ -172,6 +172,8 @@ fn bench_aggregate_prints_its_verified_json() {
             "30000",
             "--partitions",
             "2",
+            "--passes",
+            "2",
         ])
         .args(["--brokers", &broker.brokers()])
         .output()
@@ -191,6 +193,10 @@ fn bench_aggregate_prints_its_verified_json() {
     }
     assert_eq!(last["events"], 30000);
     assert_eq!(last["verified"], true);
+    // Two measurements, each verified on its own topics.
+    let passes = last["passes"].as_array().unwrap();
+    assert_eq!(passes.len(), 2, "{last}");
+    assert!(passes.iter().all(|p| p["verified"] == true), "{last}");
     assert!(last["peak_rss_bytes"].as_u64().unwrap() > 0);
 }
 
