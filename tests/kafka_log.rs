@@ -326,3 +326,52 @@ async fn a_group_reader_reads_through_the_offset_gaps_of_transactional_input() {
     assert_eq!(got, written[4..].to_vec());
     member.leave().await;
 }
+
+/// A node restarted after a crash fences its previous incarnation (same
+/// transactional id) as soon as its writer starts, not at its first write:
+/// the transaction the crashed one left open is aborted at once, so
+/// `read_committed` readers get past it even while the new incarnation has
+/// nothing to write (a broker without transaction timeouts, like Tansu,
+/// would otherwise keep it open for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_writer_fences_its_crashed_predecessor_before_writing() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let t = Tansu::start();
+    let log = KafkaLog::connect(settings(&t, "z")).await.unwrap();
+    log.ensure_topic(&spec("zt", 1)).await.unwrap();
+    // The crashed incarnation: a transaction begun and a record sent, never
+    // ended. The producer is leaked, not dropped, so nothing ends it.
+    let crashed: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", t.brokers())
+        .set("transactional.id", "node-z")
+        .create()
+        .unwrap();
+    crashed.init_transactions(Duration::from_secs(30)).unwrap();
+    crashed.begin_transaction().unwrap();
+    crashed
+        .send(BaseRecord::to("zt").key("k").payload("open"))
+        .unwrap();
+    crashed.flush(Duration::from_secs(30)).unwrap();
+    std::mem::forget(crashed);
+    log.publish(vec![OutRecord::keyed("zt", "k", Some(b"after".to_vec()))])
+        .await
+        .unwrap();
+    // Behind the open transaction, a committed record stays unreadable.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = read_all(&log, "zt", 1).await;
+    assert!(before.is_empty(), "{} records readable", before.len());
+    // The restarted incarnation only starts its writer.
+    let _restarted = log.txn_writer("node-z").await.unwrap();
+    common::eventually(
+        "the record behind the open transaction",
+        Duration::from_secs(30),
+        || async {
+            let recs = read_all(&log, "zt", 1).await;
+            recs.iter()
+                .any(|r| r.value.as_deref() == Some(&b"after"[..]))
+                .then_some(())
+        },
+    )
+    .await;
+}

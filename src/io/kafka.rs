@@ -754,7 +754,21 @@ fn txn_loop(
     id: String,
 ) {
     let mut dead: Option<IoError> = None;
-    let mut initialised = false;
+    // Initialise at once rather than at the first transaction: that fences
+    // a previous incarnation with this transactional id now, aborting the
+    // transaction it left open when it crashed. Until then readers of its
+    // partitions (`read_committed`) cannot read past that transaction, and
+    // a broker without transaction timeouts keeps it open for good, however
+    // long this incarnation has nothing to write. On failure it is retried
+    // at the first transaction.
+    let mut initialised = match producer.init_transactions(OP_TIMEOUT) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(transactional_id = %id, error = %e,
+                "initialising transactions failed; retried at the first transaction");
+            false
+        }
+    };
     while let Ok(first) = rx.recv() {
         let mut reqs = vec![first];
         while reqs.len() < 256 {

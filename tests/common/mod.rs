@@ -88,21 +88,51 @@ pub async fn read_all(
     }
 }
 
-/// Wait until the node at `base` lists `n` campaigns, all completed.
+/// Wait until the node at `base` lists `n` campaigns, all completed. On
+/// timeout, the failure names the campaigns still pending with their state
+/// on that node.
 pub async fn all_completed(c: &reqwest::Client, base: &str, n: usize, timeout: Duration) {
-    eventually("all campaigns completed", timeout, || async {
-        let v: serde_json::Value = c
-            .get(format!("{base}/v1/campaigns"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        let list = v["campaigns"].as_array()?;
-        (list.len() == n && list.iter().all(|c| c["status"] == "completed")).then_some(())
-    })
-    .await;
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no answer from the node");
+    loop {
+        let answer = async {
+            let v: serde_json::Value = c
+                .get(format!("{base}/v1/campaigns"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            v["campaigns"].as_array().cloned()
+        }
+        .await;
+        if let Some(list) = answer {
+            if list.len() == n && list.iter().all(|c| c["status"] == "completed") {
+                return;
+            }
+            let pending: Vec<String> = list
+                .iter()
+                .filter(|c| c["status"] != "completed")
+                .map(|c| {
+                    format!(
+                        "{} {} batches {}/{} sent {}",
+                        c["campaign_id"],
+                        c["status"],
+                        c["batches_done"],
+                        c["batches_total"],
+                        c["messages_sent"]
+                    )
+                })
+                .collect();
+            last = format!("{} of {n} listed; not completed: {pending:?}", list.len());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for all campaigns completed on {base}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// The stdout of a finished command; fails the test, showing both outputs,
