@@ -64,8 +64,8 @@ async fn one_million_events_two_nodes_one_killed_twice_exact_windows() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = "acc.";
     let bin = Path::new(env!("CARGO_BIN_EXE_smartmsg"));
-    let cfg_a = worker_config(dir.path(), &brokers, prefix, PARTITIONS, "agg-a").unwrap();
-    let cfg_b = worker_config(dir.path(), &brokers, prefix, PARTITIONS, "agg-b").unwrap();
+    let cfg_a = worker_config(dir.path(), &brokers, prefix, PARTITIONS, "agg-a", 1000).unwrap();
+    let cfg_b = worker_config(dir.path(), &brokers, prefix, PARTITIONS, "agg-b", 1000).unwrap();
     let cfg = Config::load(Some(&cfg_a)).unwrap();
     let topics = Topics::new(&cfg);
     let log = std::sync::Arc::new(
@@ -200,6 +200,34 @@ fn bench_aggregate_prints_its_verified_json() {
     assert!(last["peak_rss_bytes"].as_u64().unwrap() > 0);
 }
 
+/// The rebuild bench writes a changelog of many small transactions the
+/// aggregator's way and checks that a process without local state rebuilds
+/// exactly that state (parts, window progress, input offset).
+#[test]
+fn bench_rebuild_rebuilds_the_state_it_wrote() {
+    let broker = Tansu::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smartmsg"))
+        .args([
+            "bench",
+            "rebuild",
+            "--records",
+            "20000",
+            "--partitions",
+            "2",
+        ])
+        .args(["--brokers", &broker.brokers()])
+        .output()
+        .unwrap();
+    let stdout = common::success_stdout(&out);
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["verified"], true, "{last}");
+    assert_eq!(last["full_rebuild"], true, "{last}");
+    let written = last["changelog_records"].as_u64().unwrap();
+    assert!(written >= 20_000, "{last}");
+    assert_eq!(last["replayed_records"].as_u64(), Some(written), "{last}");
+    assert!(last["rebuild_ms"].is_u64(), "{last}");
+}
+
 /// A committed input offset that the changelog does not reach (a lost
 /// changelog, say): the aggregator opens its reader at the committed
 /// offset while it restores, then goes back to where the changelog ends,
@@ -211,7 +239,8 @@ async fn a_committed_offset_the_changelog_lacks_is_reprocessed_from_where_it_end
     let brokers = broker.brokers();
     let dir = tempfile::tempdir().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_smartmsg"));
-    let cfg_path = worker_config(dir.path(), &brokers, "gap.", PARTITIONS, "agg-gap").unwrap();
+    let cfg_path =
+        worker_config(dir.path(), &brokers, "gap.", PARTITIONS, "agg-gap", 1000).unwrap();
     let cfg = Config::load(Some(&cfg_path)).unwrap();
     let topics = Topics::new(&cfg);
     let log = KafkaLog::connect(KafkaSettings::from_config(&cfg))

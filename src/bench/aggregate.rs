@@ -63,9 +63,25 @@ pub struct AggregateArgs {
 }
 
 /// Delivery reports: highest offset per partition, failures.
-struct Deliveries {
+#[derive(Default)]
+pub(super) struct Deliveries {
     ends: Mutex<HashMap<i32, i64>>,
     failed: std::sync::atomic::AtomicU64,
+}
+
+impl Deliveries {
+    /// Records that failed to be delivered.
+    pub(super) fn failed(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The end offset (highest delivered + 1) of each of `partitions`.
+    pub(super) fn ends(&self, partitions: u32) -> Vec<u64> {
+        let ends = self.ends.lock().expect("ends");
+        (0..partitions as i32)
+            .map(|p| ends.get(&p).map(|o| (*o + 1) as u64).unwrap_or(0))
+            .collect()
+    }
 }
 
 impl ClientContext for Deliveries {}
@@ -94,10 +110,7 @@ pub fn produce(
     spec: &SynthSpec,
     partitions: u32,
 ) -> anyhow::Result<(Vec<u64>, Expected, f64)> {
-    let ctx = Deliveries {
-        ends: Mutex::new(HashMap::new()),
-        failed: Default::default(),
-    };
+    let ctx = Deliveries::default();
     let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -128,18 +141,11 @@ pub fn produce(
     });
     producer.flush(Duration::from_secs(120))?;
     let secs = started.elapsed().as_secs_f64();
-    let failed = producer
-        .context()
-        .failed
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let failed = producer.context().failed();
     if failed > 0 {
         bail!("{failed} records failed to produce");
     }
-    let ends = producer.context().ends.lock().expect("ends").clone();
-    let ends = (0..partitions as i32)
-        .map(|p| ends.get(&p).map(|o| (*o + 1) as u64).unwrap_or(0))
-        .collect();
-    Ok((ends, exp, secs))
+    Ok((producer.context().ends(partitions), exp, secs))
 }
 
 /// How the raw consumer is tuned.
@@ -479,7 +485,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz.max(1.0)
 }
 
-fn peak_rss_bytes(pid: u32) -> u64 {
+pub(super) fn peak_rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -641,13 +647,15 @@ impl Drop for Worker {
     }
 }
 
-/// Config file of an aggregator-only node.
+/// Config file of an aggregator-only node (`idle_close_ms`: when its idle
+/// partitions close their windows by the wall clock).
 pub fn worker_config(
     dir: &Path,
     brokers: &str,
     prefix: &str,
     partitions: u32,
     node: &str,
+    idle_close_ms: u64,
 ) -> anyhow::Result<PathBuf> {
     let data = dir.join(format!("data-{node}"));
     let text = format!(
@@ -667,7 +675,7 @@ partitions = {partitions}
 group_id = "{prefix}group"
 session_timeout_ms = 6000
 [aggregator]
-idle_close_ms = 1000
+idle_close_ms = {idle_close_ms}
 [log]
 format = "json"
 level = "info"
@@ -699,7 +707,7 @@ struct Pass {
 async fn measure_pass(a: &AggregateArgs, dir: &Path, n: u32) -> anyhow::Result<Pass> {
     let prefix = format!("bench{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let node = format!("bench-agg-{n}");
-    let cfg_path = worker_config(dir, &a.brokers, &prefix, a.partitions, &node)?;
+    let cfg_path = worker_config(dir, &a.brokers, &prefix, a.partitions, &node, 1000)?;
     let cfg = Config::load(Some(&cfg_path)).map_err(|e| anyhow!("{e}"))?;
     let topics = Topics::new(&cfg);
     let log = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;

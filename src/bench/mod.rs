@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod ingest;
+pub mod rebuild;
 pub mod synth;
 
 use crate::clock::{system_now_ms, SharedClock, SystemClock};
@@ -24,6 +25,9 @@ pub enum BenchCmd {
     /// The aggregator's per-event cost (parse, validate, count) without a
     /// broker.
     Ingest(ingest::IngestArgs),
+    /// An aggregator's full rebuild from a long changelog (no local
+    /// state): restore time, the rebuilt state verified.
+    Rebuild(rebuild::RebuildArgs),
     /// Jobs through the RabbitMQ delay queue: publish rate and lateness.
     DelayQueue(DelayQueueArgs),
 }
@@ -61,6 +65,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::DelayQueue(a) => delay_queue(a).await,
         BenchCmd::Aggregate(a) => aggregate::run(a).await,
         BenchCmd::Ingest(a) => ingest::run(a),
+        BenchCmd::Rebuild(a) => rebuild::run(a).await,
     }
 }
 
