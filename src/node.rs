@@ -107,13 +107,15 @@ fn materializer(ctx: &SharedCtx, projection: Arc<dyn Projection>) -> ChildSpec {
     })
 }
 
-/// A partition supervisor child: joins the consumer group of `topic` on
-/// every (re)start and runs one `child(member, partition)` per owned partition.
+/// A partition supervisor child: joins the consumer group `group` on
+/// `topic` on every (re)start and runs `child(member, partition)` (if any)
+/// per owned partition.
 fn partition_group(
     ctx: &SharedCtx,
     kind: &str,
+    group: String,
     topic: String,
-    child: impl Fn(Arc<dyn GroupMember>, u32) -> ChildSpec + Send + Sync + 'static,
+    child: impl Fn(Arc<dyn GroupMember>, u32) -> Option<ChildSpec> + Send + Sync + 'static,
 ) -> ChildSpec {
     let ctx = ctx.clone();
     let kind_s = kind.to_string();
@@ -126,10 +128,11 @@ fn partition_group(
             let ctx = ctx.clone();
             let kind = kind_s.clone();
             let topic = topic.clone();
+            let group = group.clone();
             let child = child.clone();
             Box::pin(async move {
                 let txn_id = format!("{}{kind}-{}", ctx.cfg.kafka.topic_prefix, ctx.node_id);
-                let member = ctx.log.join_group(ctx.group(), &topic, &txn_id).await?;
+                let member = ctx.log.join_group(&group, &topic, &txn_id).await?;
                 let m = member.clone();
                 let args = PartitionSupervisorArgs {
                     kind: kind.clone(),
@@ -166,41 +169,82 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
             })
         }),
     };
-    let commands = partition_group(ctx, "commands", ctx.topics.commands.clone(), {
-        let c = ctx.clone();
-        move |member, p| {
-            let c = c.clone();
-            ChildSpec::new(format!("commands-{p}"), "command_partition", move || {
-                (
-                    CommandPartitionActor,
-                    CommandPartitionArgs {
-                        ctx: c.clone(),
-                        partition: p,
-                        targeting: TargetingRef::for_node(&c.node_id),
-                        member: member.clone(),
+    let group = ctx.group().to_string();
+    let commands = partition_group(
+        ctx,
+        "commands",
+        group.clone(),
+        ctx.topics.commands.clone(),
+        {
+            let c = ctx.clone();
+            move |member, p| {
+                let c = c.clone();
+                Some(ChildSpec::new(
+                    format!("commands-{p}"),
+                    "command_partition",
+                    move || {
+                        (
+                            CommandPartitionActor,
+                            CommandPartitionArgs {
+                                ctx: c.clone(),
+                                partition: p,
+                                targeting: TargetingRef::for_node(&c.node_id),
+                                member: member.clone(),
+                            },
+                        )
                     },
-                )
-            })
-        }
-    });
-    let aggregators = partition_group(ctx, "aggregators", ctx.topics.reactions.clone(), {
-        let c = ctx.clone();
-        move |member, p| {
-            let c = c.clone();
-            ChildSpec::new(format!("aggregator-{p}"), "aggregator", move || {
-                (
-                    WindowAggregatorActor,
-                    AggregatorArgs {
-                        ctx: c.clone(),
-                        partition: p,
-                        member: member.clone(),
+                ))
+            }
+        },
+    );
+    let aggregators = partition_group(
+        ctx,
+        "aggregators",
+        group.clone(),
+        ctx.topics.reactions.clone(),
+        {
+            let c = ctx.clone();
+            move |member, p| {
+                let c = c.clone();
+                Some(ChildSpec::new(
+                    format!("aggregator-{p}"),
+                    "aggregator",
+                    move || {
+                        (
+                            WindowAggregatorActor,
+                            AggregatorArgs {
+                                ctx: c.clone(),
+                                partition: p,
+                                member: member.clone(),
+                            },
+                        )
                     },
-                )
-            })
-        }
-    });
+                ))
+            }
+        },
+    );
+    // One trainer per cluster: the trainer-role nodes form a group of their
+    // own on the models topic, and the owner of the partition of its
+    // `current` key trains. When that node leaves or dies, the partition,
+    // and the training, move to another (whose trainer's writer fences the
+    // old one's: they share a transactional id).
+    let leader = crate::domain::partition::partition_for(b"current", ctx.topics.partitions);
+    let trainer = partition_group(
+        ctx,
+        "trainer",
+        format!("{group}.trainer"),
+        ctx.topics.models.clone(),
+        {
+            let c = ctx.clone();
+            move |_member, p| {
+                let c = c.clone();
+                (p == leader).then(|| {
+                    ChildSpec::new("trainer", "trainer", move || (TrainerActor, c.clone()))
+                })
+            }
+        },
+    );
     let c1 = ctx.clone();
-    let c2 = ctx.clone();
     let one = |kind: &str, children: Vec<ChildSpec>| {
         let kind = kind.to_string();
         let p = policy(cfg, Strategy::OneForOne);
@@ -231,12 +275,7 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
         children.push(aggregators);
     }
     if cfg.runs(Role::Trainer) {
-        children.push(one(
-            "trainer",
-            vec![ChildSpec::new("trainer", "trainer", move || {
-                (TrainerActor, c2.clone())
-            })],
-        ));
+        children.push(trainer);
     }
     SupervisorArgs {
         kind: "root".into(),

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use smartmsg::config::Compression;
 use smartmsg::domain::campaign::{Event, EventBody};
 use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
+use smartmsg::io::{EventLog, OutRecord};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -452,6 +453,141 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
             );
         }
     }
+    for n in nodes.iter_mut() {
+        n.terminate();
+    }
+}
+
+/// `smartmsg_models_trained_total` of a node (0 when not yet exported).
+async fn models_trained(c: &reqwest::Client, base: &str) -> Option<f64> {
+    let text = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .find_map(|l| l.strip_prefix("smartmsg_models_trained_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0),
+    )
+}
+
+/// The versions in the `current` records of the models topic, in order.
+async fn current_versions(log: &KafkaLog) -> Vec<u64> {
+    common::read_all(log, "smartmsg.models", PARTITIONS)
+        .await
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(&b"current"[..]))
+        .filter_map(|r| smartmsg::domain::model::Model::from_bytes(r.value.as_deref()?).ok())
+        .map(|m| m.version)
+        .collect()
+}
+
+/// One trainer per cluster: of three nodes that all have the trainer role,
+/// one trains; when it is SIGKILLed, another takes over, and the published
+/// versions keep increasing, none written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_trains_and_another_takes_over_when_it_dies() {
+    let tansu = Tansu::start();
+    let brokers = tansu.brokers();
+    let root = tempfile::tempdir().unwrap();
+    let (_cleanup, mut nodes) = start_nodes("tnode", &brokers, root.path()).await;
+    let log = KafkaLog::connect(KafkaSettings {
+        brokers: brokers.clone(),
+        session_timeout_ms: 6000,
+        replication_factor: 1,
+        compression: Compression::Lz4,
+        client_id: "reactions".into(),
+    })
+    .await
+    .unwrap();
+    // Reactions keep coming: sends, and clicks on creative "a".
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (log, stop) = (log.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut recs = Vec::new();
+                for _ in 0..20 {
+                    let (user, creative) =
+                        (format!("u{i}"), if i.is_multiple_of(2) { "a" } else { "b" });
+                    let ts = now_ms();
+                    for (n, action) in ["send", "click"].iter().enumerate() {
+                        if *action == "click" && creative == "b" {
+                            continue;
+                        }
+                        let v = json!({"event_id": format!("e{i}-{n}"), "campaign_id": "t",
+                            "creative_id": creative, "user_id": user, "action": action, "ts": ts + n as i64});
+                        recs.push(OutRecord::keyed(
+                            "smartmsg.reaction-logs",
+                            user.clone(),
+                            Some(serde_json::to_vec(&v).unwrap()),
+                        ));
+                    }
+                    i += 1;
+                }
+                log.publish(recs).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let c = client();
+    let trainers = |nodes: &[Node]| {
+        let bases: Vec<(usize, String)> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.child.is_some())
+            .map(|(i, n)| (i, n.base()))
+            .collect();
+        let c = c.clone();
+        async move {
+            let mut out = Vec::new();
+            for (i, base) in bases {
+                out.push((i, models_trained(&c, &base).await.unwrap_or(0.0)));
+            }
+            out
+        }
+    };
+    let first = eventually("a node trains", Duration::from_secs(90), || async {
+        let t = trainers(&nodes).await;
+        t.iter().find(|(_, n)| *n >= 2.0).map(|(i, _)| *i)
+    })
+    .await;
+    // Several retrain intervals later, it is still the only one.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let t = trainers(&nodes).await;
+    assert_eq!(
+        t.iter().filter(|(_, n)| *n > 0.0).count(),
+        1,
+        "one trainer: {t:?}"
+    );
+    nodes[first].kill9();
+    let second = eventually("another node trains", Duration::from_secs(90), || async {
+        let t = trainers(&nodes).await;
+        t.iter().find(|(_, n)| *n >= 2.0).map(|(i, _)| *i)
+    })
+    .await;
+    assert_ne!(first, second);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t = trainers(&nodes).await;
+    assert_eq!(
+        t.iter().filter(|(_, n)| *n > 0.0).count(),
+        1,
+        "one trainer after the takeover: {t:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    producer.await.unwrap();
+    let versions = current_versions(&log).await;
+    assert!(versions.len() >= 4, "{versions:?}");
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "versions increase, none written twice: {versions:?}"
+    );
     for n in nodes.iter_mut() {
         n.terminate();
     }

@@ -2,7 +2,9 @@
 //! the attribution window, keeps the evidence per (campaign, creative) in
 //! sled (with the consumed offsets in the same batch), and every retrain
 //! interval with new evidence publishes a new validated model version to
-//! the compacted `models` topic (`v<N>` and `current`).
+//! the compacted `models` topic (`v<N>` and `current`). One node of the
+//! cluster trains at a time (see `node::tree`: an election through a
+//! consumer group), and only once it has caught up with the reactions.
 
 use crate::actors::SharedCtx;
 use crate::domain::model::{Arm, Model};
@@ -26,6 +28,11 @@ pub struct TrainerState {
     writer: Arc<dyn TxnWriter>,
     version: u64,
     dirty: bool,
+    /// Whether the reader has reached the end of the reactions once: a
+    /// trainer that has just taken over (or whose node was down) first
+    /// catches up, and only then publishes, never a model of part of the
+    /// evidence.
+    caught_up: bool,
     last_fit: Instant,
 }
 
@@ -170,11 +177,17 @@ impl Actor for TrainerActor {
         myself: ActorRef<Self::Msg>,
         ctx: SharedCtx,
     ) -> Result<TrainerState, ActorProcessingErr> {
-        let version = latest_version(&ctx).await?;
+        // Every trainer shares one transactional id: a trainer taking over
+        // fences the previous one, and an empty transaction waits until
+        // that is done (the transaction it may have left open aborted).
+        // Only then is the latest version read: no version it wrote, even
+        // one of an aborted transaction that a broker shows, is reused.
         let writer = ctx
             .log
             .txn_writer(&format!("{}trainer", ctx.cfg.kafka.topic_prefix))
             .await?;
+        writer.commit(Txn::default()).await?;
+        let version = latest_version(&ctx).await?;
         let from = (0..ctx.topics.partitions)
             .map(|p| ctx.trainer_store.offset(&ctx.topics.reactions, p))
             .collect::<Result<Vec<u64>, _>>()?;
@@ -186,6 +199,7 @@ impl Actor for TrainerActor {
             writer,
             version,
             dirty: false,
+            caught_up: false,
             last_fit: Instant::now(),
         })
     }
@@ -201,6 +215,13 @@ impl Actor for TrainerActor {
             .next_batch(5000, Duration::from_millis(50))
             .await?;
         let any = !recs.is_empty();
+        if !any && !state.caught_up {
+            state.caught_up = true;
+            tracing::info!(
+                version = state.version,
+                "trainer caught up with the reactions"
+            );
+        }
         if any {
             let ctx = state.ctx.clone();
             let changed =
@@ -216,7 +237,7 @@ impl Actor for TrainerActor {
             state.dirty |= changed;
         }
         let interval = Duration::from_millis(state.ctx.cfg.model.retrain_interval_ms);
-        if state.dirty && state.last_fit.elapsed() >= interval {
+        if state.caught_up && state.dirty && state.last_fit.elapsed() >= interval {
             state.fit_and_publish().await?;
             state.dirty = false;
             state.last_fit = Instant::now();

@@ -11,8 +11,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-/// Builds the child spec of one partition.
-pub type PartitionChild = Arc<dyn Fn(u32) -> ChildSpec + Send + Sync>;
+/// Builds the child spec of one partition; `None` for a partition that is
+/// owned but runs nothing (a group used as an election: only the owner of
+/// one partition runs the actor).
+pub type PartitionChild = Arc<dyn Fn(u32) -> Option<ChildSpec> + Send + Sync>;
 
 pub struct PartitionSupervisorArgs {
     /// Bounded label (e.g. "commands", "aggregators").
@@ -45,8 +47,9 @@ impl PartitionSupervisorState {
             if !self.owned.remove(p) {
                 continue;
             }
-            let name = (self.child)(*p).name;
-            let _ = ractor::call!(self.inner, SupervisorMsg::RemoveChild, name);
+            if let Some(spec) = (self.child)(*p) {
+                let _ = ractor::call!(self.inner, SupervisorMsg::RemoveChild, spec.name);
+            }
             tracing::info!(kind = %self.kind, partition = p, why, "partition released");
         }
         metrics::gauge!("smartmsg_owned_partitions", "kind" => self.kind.clone())
@@ -122,9 +125,9 @@ impl Actor for PartitionSupervisorActor {
                 tracing::info!(kind = %state.kind, partitions = ?ps, "partitions assigned");
                 for p in ps {
                     if state.owned.insert(p) {
-                        state
-                            .inner
-                            .send_message(SupervisorMsg::AddChild((state.child)(p)))?;
+                        if let Some(spec) = (state.child)(p) {
+                            state.inner.send_message(SupervisorMsg::AddChild(spec))?;
+                        }
                     }
                 }
                 metrics::gauge!("smartmsg_owned_partitions", "kind" => state.kind.clone())
