@@ -161,25 +161,31 @@ async fn one_million_events_two_nodes_one_killed_twice_exact_windows() {
     b_worker.stop().unwrap();
 }
 
-#[test]
-fn bench_aggregate_prints_its_verified_json() {
+/// `smartmsg bench ARGS --brokers <a fresh broker>`: its last stdout line,
+/// parsed (the test fails, showing both outputs, if the bench fails).
+fn bench_json(args: &[&str]) -> serde_json::Value {
     let broker = Tansu::start();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_smartmsg"))
-        .args([
-            "bench",
-            "aggregate",
-            "--events",
-            "30000",
-            "--partitions",
-            "2",
-            "--passes",
-            "2",
-        ])
+        .arg("bench")
+        .args(args)
         .args(["--brokers", &broker.brokers()])
         .output()
         .unwrap();
     let stdout = common::success_stdout(&out);
-    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn bench_aggregate_prints_its_verified_json() {
+    let last = bench_json(&[
+        "aggregate",
+        "--events",
+        "30000",
+        "--partitions",
+        "2",
+        "--passes",
+        "2",
+    ]);
     for k in [
         "events",
         "events_per_s",
@@ -205,21 +211,7 @@ fn bench_aggregate_prints_its_verified_json() {
 /// exactly that state (parts, window progress, input offset).
 #[test]
 fn bench_rebuild_rebuilds_the_state_it_wrote() {
-    let broker = Tansu::start();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smartmsg"))
-        .args([
-            "bench",
-            "rebuild",
-            "--records",
-            "20000",
-            "--partitions",
-            "2",
-        ])
-        .args(["--brokers", &broker.brokers()])
-        .output()
-        .unwrap();
-    let stdout = common::success_stdout(&out);
-    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let last = bench_json(&["rebuild", "--records", "20000", "--partitions", "2"]);
     assert_eq!(last["verified"], true, "{last}");
     assert_eq!(last["full_rebuild"], true, "{last}");
     let written = last["changelog_records"].as_u64().unwrap();

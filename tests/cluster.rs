@@ -193,17 +193,7 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
         eventually(
             "campaigns materialised",
             Duration::from_secs(120),
-            || async {
-                let v: Value = c
-                    .get(format!("{base}/v1/campaigns"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                (v["campaigns"].as_array()?.len() == campaigns).then_some(())
-            },
+            || async { (common::campaigns(&c, &base).await?.len() == campaigns).then_some(()) },
         )
         .await;
     }
@@ -238,14 +228,7 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
         let base = n.base();
         for id in command_ids.iter().step_by(97) {
             eventually("command applied", Duration::from_secs(120), || async {
-                let v: Value = c
-                    .get(format!("{base}/v1/commands/{id}"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let v = common::get_json(&c, &format!("{base}/v1/commands/{id}")).await?;
                 (v["status"] == "applied").then_some(())
             })
             .await;
@@ -319,15 +302,7 @@ async fn three_nodes_one_killed_every_command_applied_exactly_once() {
     for n in &nodes {
         let base = n.base();
         eventually("read model agrees", Duration::from_secs(60), || async {
-            let v: Value = c
-                .get(format!("{base}/v1/campaigns"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let list = v["campaigns"].as_array()?;
+            let list = common::campaigns(&c, &base).await?;
             let ok = list.len() == campaigns
                 && list.iter().all(|camp| {
                     let id = camp["campaign_id"].as_str().unwrap_or_default();

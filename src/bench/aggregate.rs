@@ -102,6 +102,23 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// Hand `rec` to the producer, waiting while its queue is full.
+pub(super) fn send_waiting<'a>(
+    producer: &ThreadedProducer<Deliveries>,
+    mut rec: BaseRecord<'a, str, [u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(_), r)) => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// Produce the synthetic input: the end offset of every partition, what
 /// must come out, and the seconds it took.
 pub fn produce(
@@ -127,16 +144,8 @@ pub fn produce(
         if let Some(v) = value {
             rec = rec.payload(v);
         }
-        let mut rec = rec;
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(_), r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => panic!("produce: {e}"),
-            }
+        if let Err(e) = send_waiting(&producer, rec) {
+            panic!("produce: {e}");
         }
     });
     producer.flush(Duration::from_secs(120))?;

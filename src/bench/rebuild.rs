@@ -17,7 +17,7 @@
 //! stopped, must equal the engine's: parts, window progress and input
 //! offset.
 
-use super::aggregate::{peak_rss_bytes, worker_config, Deliveries, Worker};
+use super::aggregate::{peak_rss_bytes, send_waiting, worker_config, Deliveries, Worker};
 use super::synth::{generate, SynthSpec};
 use crate::actors::aggregator::changelog_records;
 use crate::clock::system_now_ms;
@@ -31,7 +31,6 @@ use crate::io::topics::Topics;
 use crate::io::{EventLog, OffsetCommit, OutRecord, PartitionEvent, Txn, TxnWriter};
 use anyhow::{anyhow, bail};
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use serde_json::json;
 use std::sync::Arc;
@@ -217,18 +216,9 @@ fn write(
         if let Some(v) = value {
             rec = rec.payload(v);
         }
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(_), r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => {
-                    failure = Some(anyhow!("produce: {e}"));
-                    return;
-                }
-            }
+        if let Err(e) = send_waiting(&producer, rec) {
+            failure = Some(anyhow!("produce: {e}"));
+            return;
         }
         let part = &mut parts[p as usize];
         // Invalid and late records would be dead-lettered: not state.

@@ -88,6 +88,17 @@ pub async fn read_all(
     }
 }
 
+/// The JSON body of a GET of `url` (`None` if there is no such answer).
+pub async fn get_json(c: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    c.get(url).send().await.ok()?.json().await.ok()
+}
+
+/// The campaigns the node at `base` lists (`None` if it does not answer).
+pub async fn campaigns(c: &reqwest::Client, base: &str) -> Option<Vec<serde_json::Value>> {
+    let v = get_json(c, &format!("{base}/v1/campaigns")).await?;
+    v["campaigns"].as_array().cloned()
+}
+
 /// Wait until the node at `base` lists `n` campaigns, all completed. On
 /// timeout, the failure names the campaigns still pending with their state
 /// on that node.
@@ -95,19 +106,7 @@ pub async fn all_completed(c: &reqwest::Client, base: &str, n: usize, timeout: D
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no answer from the node");
     loop {
-        let answer = async {
-            let v: serde_json::Value = c
-                .get(format!("{base}/v1/campaigns"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            v["campaigns"].as_array().cloned()
-        }
-        .await;
-        if let Some(list) = answer {
+        if let Some(list) = campaigns(c, base).await {
             if list.len() == n && list.iter().all(|c| c["status"] == "completed") {
                 return;
             }
