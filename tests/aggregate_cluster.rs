@@ -218,6 +218,9 @@ fn bench_rebuild_rebuilds_the_state_it_wrote() {
     assert!(written >= 20_000, "{last}");
     assert_eq!(last["replayed_records"].as_u64(), Some(written), "{last}");
     assert!(last["rebuild_ms"].is_u64(), "{last}");
+    // Restarted with that state intact, it replays nothing.
+    assert_eq!(last["restore_full_rebuild"], false, "{last}");
+    assert_eq!(last["restore_replayed_records"], 0, "{last}");
 }
 
 /// A committed input offset that the changelog does not reach (a lost
