@@ -107,10 +107,22 @@ fn materializer(ctx: &SharedCtx, projection: Arc<dyn Projection>) -> ChildSpec {
     })
 }
 
-/// A partition supervisor child: joins the consumer group `group` on
-/// `topic` on every (re)start and runs `child(member, partition)` (if any)
-/// per owned partition.
+/// A partition supervisor child: joins the node's consumer group on `topic`
+/// on every (re)start and runs one `child(member, partition)` per owned
+/// partition.
 fn partition_group(
+    ctx: &SharedCtx,
+    kind: &str,
+    topic: String,
+    child: impl Fn(Arc<dyn GroupMember>, u32) -> ChildSpec + Send + Sync + 'static,
+) -> ChildSpec {
+    let group = ctx.group().to_string();
+    group_children(ctx, kind, group, topic, move |m, p| Some(child(m, p)))
+}
+
+/// As `partition_group`, in the consumer group `group`, with a child only
+/// for the partitions `child` gives one (a group used as an election).
+fn group_children(
     ctx: &SharedCtx,
     kind: &str,
     group: String,
@@ -169,70 +181,49 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
             })
         }),
     };
-    let group = ctx.group().to_string();
-    let commands = partition_group(
-        ctx,
-        "commands",
-        group.clone(),
-        ctx.topics.commands.clone(),
-        {
-            let c = ctx.clone();
-            move |member, p| {
-                let c = c.clone();
-                Some(ChildSpec::new(
-                    format!("commands-{p}"),
-                    "command_partition",
-                    move || {
-                        (
-                            CommandPartitionActor,
-                            CommandPartitionArgs {
-                                ctx: c.clone(),
-                                partition: p,
-                                targeting: TargetingRef::for_node(&c.node_id),
-                                member: member.clone(),
-                            },
-                        )
+    let commands = partition_group(ctx, "commands", ctx.topics.commands.clone(), {
+        let c = ctx.clone();
+        move |member, p| {
+            let c = c.clone();
+            ChildSpec::new(format!("commands-{p}"), "command_partition", move || {
+                (
+                    CommandPartitionActor,
+                    CommandPartitionArgs {
+                        ctx: c.clone(),
+                        partition: p,
+                        targeting: TargetingRef::for_node(&c.node_id),
+                        member: member.clone(),
                     },
-                ))
-            }
-        },
-    );
-    let aggregators = partition_group(
-        ctx,
-        "aggregators",
-        group.clone(),
-        ctx.topics.reactions.clone(),
-        {
-            let c = ctx.clone();
-            move |member, p| {
-                let c = c.clone();
-                Some(ChildSpec::new(
-                    format!("aggregator-{p}"),
-                    "aggregator",
-                    move || {
-                        (
-                            WindowAggregatorActor,
-                            AggregatorArgs {
-                                ctx: c.clone(),
-                                partition: p,
-                                member: member.clone(),
-                            },
-                        )
+                )
+            })
+        }
+    });
+    let aggregators = partition_group(ctx, "aggregators", ctx.topics.reactions.clone(), {
+        let c = ctx.clone();
+        move |member, p| {
+            let c = c.clone();
+            ChildSpec::new(format!("aggregator-{p}"), "aggregator", move || {
+                (
+                    WindowAggregatorActor,
+                    AggregatorArgs {
+                        ctx: c.clone(),
+                        partition: p,
+                        member: member.clone(),
                     },
-                ))
-            }
-        },
-    );
+                )
+            })
+        }
+    });
     // One trainer per cluster: the trainer-role nodes form a group of their
     // own on the models topic, and the owner of the partition of its
     // `current` key trains. When that node leaves or dies, the partition,
     // and the training, move to another (whose trainer's writer fences the
     // old one's: they share a transactional id).
     let leader = crate::domain::partition::partition_for(b"current", ctx.topics.partitions);
-    let trainer = partition_group(
+    let trainer = group_children(
         ctx,
         "trainer",
-        format!("{group}.trainer"),
+        format!("{}.trainer", ctx.group()),
         ctx.topics.models.clone(),
         {
             let c = ctx.clone();
