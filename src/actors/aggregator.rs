@@ -640,21 +640,14 @@ impl Actor for WindowAggregatorActor {
                 .take()
                 .map(|t| t.elapsed())
                 .unwrap_or_default();
-            // At info only after a real backlog: a partition with a trickle
-            // of input catches up after every fetch.
+            // Only after a real backlog: a partition with a trickle of input
+            // catches up after every fetch.
             if took >= Duration::from_secs(1) {
                 tracing::info!(
                     partition = st.partition,
                     records = st.backlog,
                     took_ms = took.as_millis() as u64,
                     position = st.reader.position(),
-                    "aggregator caught up with the end of its partition"
-                );
-            } else {
-                tracing::debug!(
-                    partition = st.partition,
-                    records = st.backlog,
-                    took_ms = took.as_millis() as u64,
                     "aggregator caught up with the end of its partition"
                 );
             }
