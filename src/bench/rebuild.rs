@@ -103,7 +103,7 @@ struct ChangelogWriter<'a> {
 
 impl ChangelogWriter<'_> {
     /// End the open aggregator transaction of partition `p`.
-    fn end_txn(&mut self, p: u32, part: &mut Partition) -> anyhow::Result<()> {
+    fn end_txn(&mut self, p: u32, part: &mut Partition) {
         let (changes, _finals) = part.engine.take_changes();
         let meta = part.engine.meta();
         let marker = TxnMarker {
@@ -130,7 +130,6 @@ impl ChangelogWriter<'_> {
         self.pending.extend(records);
         self.txns += 1;
         part.from = part.offset;
-        Ok(())
     }
 
     /// Commit the gathered records with every partition's input offset.
@@ -230,15 +229,11 @@ fn write(
         }
         part.offset += 1;
         if part.offset - part.from == a.events_per_txn {
-            let res = out.end_txn(p, part).and_then(|()| {
-                if out.pending.len() >= KAFKA_TXN_RECORDS {
-                    out.commit(&parts)
-                } else {
-                    Ok(())
+            out.end_txn(p, part);
+            if out.pending.len() >= KAFKA_TXN_RECORDS {
+                if let Err(e) = out.commit(&parts) {
+                    failure = Some(e);
                 }
-            });
-            if let Err(e) = res {
-                failure = Some(e);
             }
         }
     });
@@ -254,7 +249,7 @@ fn write(
     }
     for (p, part) in parts.iter_mut().enumerate() {
         if part.offset > part.from {
-            out.end_txn(p as u32, part)?;
+            out.end_txn(p as u32, part);
         }
     }
     out.commit(&parts)?;
