@@ -32,9 +32,43 @@ pub struct Model {
     /// campaign_id -> creative_id -> evidence.
     pub arms: BTreeMap<String, BTreeMap<String, Arm>>,
     pub metrics: BTreeMap<String, f64>,
+    /// Set on an artifact published by a rollback: the version whose
+    /// evidence it serves again. While the current model is such a restore
+    /// the trainer publishes no new fit (until a resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<u64>,
     /// FNV-1a 64 of the canonical JSON of everything above, hex.
     #[serde(default)]
     pub checksum: String,
+}
+
+/// An operator's request to the trainer, on the `model-commands` topic:
+/// go back one version, or end the hold a rollback put on training. It
+/// names the version it was made against and applies only while that is
+/// still the latest (so a replayed or overtaken request does nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelCommand {
+    pub command_id: String,
+    #[serde(rename = "type")]
+    pub kind: ModelCommandKind,
+    pub from_version: u64,
+    pub ts: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelCommandKind {
+    Rollback,
+    Resume,
+}
+
+impl ModelCommandKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelCommandKind::Rollback => "rollback",
+            ModelCommandKind::Resume => "resume",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,8 +137,32 @@ impl Model {
             examples,
             arms,
             metrics,
+            restored_from: None,
             checksum: String::new(),
         };
+        m.checksum = m.compute_checksum();
+        m
+    }
+
+    /// The version whose evidence this artifact carries: its own, or the
+    /// one a rollback restored.
+    pub fn base(&self) -> u64 {
+        self.restored_from.unwrap_or(self.version)
+    }
+
+    /// Which version a rollback from this (current) model goes back to:
+    /// the one published just before this model's evidence was first
+    /// served (a restore of a restore goes further back). `None` when
+    /// there is nothing earlier; `Some(0)` is the untrained prior. The
+    /// artifact of that version may itself be a restore: serve its base.
+    pub fn rollback_source(&self) -> Option<u64> {
+        self.base().checked_sub(1)
+    }
+
+    /// A new version `version` serving the evidence of `source` again.
+    pub fn restore(version: u64, restored_at: i64, source: &Model) -> Model {
+        let mut m = Model::new(version, restored_at, source.arms.clone());
+        m.restored_from = Some(source.base());
         m.checksum = m.compute_checksum();
         m
     }
@@ -218,6 +276,60 @@ mod tests {
 
     fn users(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("u{i}")).collect()
+    }
+
+    fn trained(version: u64, sends: u64) -> Model {
+        let mut arms = BTreeMap::new();
+        arms.entry("c".to_string())
+            .or_insert_with(BTreeMap::new)
+            .insert("a".to_string(), Arm { sends, clicks: 0 });
+        Model::new(version, version as i64, arms)
+    }
+
+    /// A rollback as the trainer makes it: from the current model to the
+    /// artifact its `rollback_source` names, served again as a new version.
+    fn roll_back(history: &mut Vec<Model>) -> Option<u64> {
+        let current = history.last().expect("a current model");
+        let source = current.rollback_source()?;
+        let artifact = if source == 0 {
+            Model::prior()
+        } else {
+            history[source as usize - 1].clone()
+        };
+        let m = Model::restore(current.version + 1, 0, &artifact);
+        m.validate().unwrap();
+        let restored = m.restored_from;
+        history.push(m);
+        restored
+    }
+
+    #[test]
+    fn rollbacks_step_back_through_what_was_served() {
+        let mut h: Vec<Model> = (1..=3).map(|v| trained(v, v * 10)).collect();
+        // From 3 back to 2's evidence, as version 4.
+        assert_eq!(roll_back(&mut h), Some(2));
+        assert_eq!(h[3].version, 4);
+        assert_eq!(h[3].arms, h[1].arms);
+        // Again: further back, to 1 (not to 3, nor to 2 once more).
+        assert_eq!(roll_back(&mut h), Some(1));
+        assert_eq!(h[4].arms, h[0].arms);
+        // A new fit (version 6), then a rollback: back to what was served
+        // before it, version 5's evidence, which is 1's.
+        h.push(trained(6, 60));
+        assert_eq!(roll_back(&mut h), Some(1));
+        // Down to the prior, then nothing earlier.
+        assert_eq!(roll_back(&mut h), Some(0));
+        assert!(h.last().unwrap().arms.is_empty());
+        assert_eq!(roll_back(&mut h), None);
+        assert_eq!(Model::prior().rollback_source(), None);
+        // A restore is checksummed like any artifact, its origin included.
+        let mut bad = h[3].clone();
+        bad.restored_from = Some(3);
+        assert_eq!(bad.validate(), Err(ModelError::Checksum));
+        // A trained artifact's bytes carry no `restored_from` at all.
+        assert!(!String::from_utf8(h[0].to_bytes())
+            .unwrap()
+            .contains("restored_from"));
     }
 
     #[test]
