@@ -561,3 +561,148 @@ async fn reactions_become_report_windows_and_bad_ones_are_dead_lettered() {
     .await;
     node.shutdown().await;
 }
+
+/// POST to `url` with an optional JSON body: status and body.
+async fn post_json(c: &reqwest::Client, url: &str, body: Option<Value>) -> (u16, Value) {
+    let mut r = c.post(url);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_rollback_holds_training_until_resumed() {
+    // No aggregator: the other tests of this binary count the process's
+    // aggregated events, and these reactions are only the trainer's.
+    let (node, base, _dir) = start("api-model", |c| {
+        c.model.keep_versions = 3;
+        c.node.roles = "commands,trainer".into();
+    })
+    .await;
+    let c = client();
+    let model_url = format!("{base}/v1/model");
+    let (rollback, resume) = (
+        format!("{base}/v1/model/rollback"),
+        format!("{base}/v1/model/resume"),
+    );
+    // Nothing to go back to from the prior, and nothing held.
+    assert_eq!(post_json(&c, &rollback, None).await.0, 409);
+    assert_eq!(post_json(&c, &resume, None).await.0, 409);
+    let ctx = node.ctx.clone();
+    let sends = |from: usize, to: usize| {
+        (from..to)
+            .map(|i| {
+                let v = json!({"event_id": format!("s{i}"), "campaign_id": "m",
+                    "creative_id": "a", "user_id": format!("u{i}"), "action": "send", "ts": 1000 + i});
+                OutRecord::keyed(&ctx.topics.reactions, format!("u{i}"), Some(v.to_string().into_bytes()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let model_with = |examples: u64| {
+        let (c, url) = (c.clone(), model_url.clone());
+        async move {
+            eventually("model version", Duration::from_secs(20), || async {
+                let (_, m) = status_of(&c, &url).await;
+                (m["examples"] == examples && m["restored_from"].is_null()).then_some(m)
+            })
+            .await
+        }
+    };
+    ctx.log.publish(sends(0, 10)).await.unwrap();
+    model_with(10).await;
+    ctx.log.publish(sends(10, 20)).await.unwrap();
+    let v = model_with(20).await["version"].as_u64().unwrap();
+    assert!(v >= 2);
+
+    // Bad bodies and a rollback against a version that is not current.
+    assert_eq!(post_json(&c, &rollback, Some(json!([1]))).await.0, 400);
+    let (s, e) = post_json(&c, &rollback, Some(json!({"from_version": "x"}))).await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("from_version")));
+    let (s, e) = post_json(&c, &rollback, Some(json!({"from_version": v + 7}))).await;
+    assert_eq!((s, e["version"].as_u64()), (409, Some(v)));
+
+    // Back one version: v - 1's evidence is served again as v + 1.
+    let (s, r) = post_json(&c, &rollback, Some(json!({"command_id": "rb-1"}))).await;
+    assert_eq!(
+        (s, r["command_id"].as_str(), r["from_version"].as_u64()),
+        (202, Some("rb-1"), Some(v))
+    );
+    let m = eventually("rolled back", Duration::from_secs(20), || async {
+        let (_, m) = status_of(&c, &model_url).await;
+        (m["version"] == v + 1).then_some(m)
+    })
+    .await;
+    assert_eq!(m["restored_from"].as_u64(), Some(v - 1));
+    assert_eq!(m["training_held"], true);
+    assert!(m["examples"].as_u64().unwrap() < 20, "{m}");
+    assert_eq!(post_json(&c, &rollback, None).await.0, 202);
+    let m = eventually("rolled back twice", Duration::from_secs(20), || async {
+        let (_, m) = status_of(&c, &model_url).await;
+        (m["version"] == v + 2).then_some(m)
+    })
+    .await;
+    assert_eq!(m["restored_from"].as_u64(), Some(v - 2));
+
+    // New evidence while held publishes nothing...
+    ctx.log.publish(sends(20, 30)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status_of(&c, &model_url).await.1["version"], v + 2);
+    // ... until resumed: a fit of all of it, then training goes on.
+    assert_eq!(
+        post_json(&c, &resume, Some(json!({"from_version": v + 2})))
+            .await
+            .0,
+        202
+    );
+    let m = model_with(30).await;
+    assert_eq!(m["version"], v + 3);
+    assert_eq!(m["training_held"], false);
+    ctx.log.publish(sends(30, 35)).await.unwrap();
+    model_with(35).await;
+
+    // A replayed request names an old version: it does nothing.
+    let stale = json!({"command_id": "old", "type": "rollback", "from_version": v, "ts": 0});
+    ctx.log
+        .publish(vec![OutRecord::keyed(
+            &ctx.topics.model_commands,
+            "model",
+            Some(stale.to_string().into_bytes()),
+        )])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let m = status_of(&c, &model_url).await.1;
+    assert!(m["restored_from"].is_null(), "{m}");
+    let metrics = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"smartmsg_model_commands_total{type="rollback",result="stale"}"#)
+            || metrics.contains(r#"smartmsg_model_commands_total{result="stale",type="rollback"}"#),
+        "{metrics}"
+    );
+
+    // Only `model.keep_versions` versions stay on the topic.
+    let latest = m["version"].as_u64().unwrap();
+    let mut last: std::collections::BTreeMap<String, bool> = Default::default();
+    for r in common::read_all(ctx.log.as_ref(), &ctx.topics.models, 4).await {
+        let key = String::from_utf8(r.key.unwrap()).unwrap();
+        last.insert(key, r.value.is_some());
+    }
+    for n in 1..=latest {
+        assert_eq!(
+            last.get(&format!("v{n}")),
+            Some(&(n + 3 > latest)),
+            "v{n} of {latest}: {last:?}"
+        );
+    }
+    node.shutdown().await;
+}

@@ -433,8 +433,8 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
     }
 }
 
-/// `smartmsg_models_trained_total` of a node (0 when not yet exported).
-async fn models_trained(c: &reqwest::Client, base: &str) -> Option<f64> {
+/// A metric of a node without labels (0 when not yet exported).
+async fn metric_value(c: &reqwest::Client, base: &str, name: &str) -> Option<f64> {
     let text = c
         .get(format!("{base}/metrics"))
         .send()
@@ -443,12 +443,18 @@ async fn models_trained(c: &reqwest::Client, base: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
+    let prefix = format!("{name} ");
     Some(
         text.lines()
-            .find_map(|l| l.strip_prefix("smartmsg_models_trained_total "))
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0),
     )
+}
+
+/// `smartmsg_models_trained_total` of a node (0 when not yet exported).
+async fn models_trained(c: &reqwest::Client, base: &str) -> Option<f64> {
+    metric_value(c, base, "smartmsg_models_trained_total").await
 }
 
 /// The versions in the `current` records of the models topic, in order.
@@ -464,7 +470,8 @@ async fn current_versions(log: &KafkaLog) -> Vec<u64> {
 
 /// One trainer per cluster: of three nodes that all have the trainer role,
 /// one trains; when it is SIGKILLed, another takes over, and the published
-/// versions keep increasing, none written twice.
+/// versions keep increasing, none written twice. A rollback asked of any
+/// node holds training, also across a takeover, until a resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_trains_and_another_takes_over_when_it_dies() {
     let tansu = Tansu::start();
@@ -555,6 +562,62 @@ async fn one_node_trains_and_another_takes_over_when_it_dies() {
         1,
         "one trainer after the takeover: {t:?}"
     );
+
+    // A rollback asked of another node reaches the trainer and every node.
+    let third = (0..nodes.len())
+        .find(|i| *i != first && *i != second)
+        .expect("three nodes");
+    let r: serde_json::Value = c
+        .post(format!("{}/v1/model/rollback", nodes[third].base()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let from = r["from_version"].as_u64().expect("202 with from_version");
+    let live = [second, third];
+    let bases: Vec<String> = nodes.iter().map(|n| n.base()).collect();
+    let model_of = |i: usize| {
+        let (c, base) = (c.clone(), bases[i].clone());
+        async move { common::get_json(&c, &format!("{base}/v1/model")).await }
+    };
+    eventually(
+        "every node serves the rollback",
+        Duration::from_secs(60),
+        || async {
+            for i in live {
+                let m = model_of(i).await?;
+                // A fit may have been published meanwhile: then the request was
+                // overtaken (stale) and this check times out, naming it.
+                (m["version"] == from + 1 && m["training_held"] == true).then_some(())?;
+            }
+            Some(())
+        },
+    )
+    .await;
+    // The trainer dies while training is held; the node that takes over
+    // keeps holding it (the reactions keep coming) until a resume.
+    nodes[second].kill9();
+    eventually("the last node trains", Duration::from_secs(90), || async {
+        let active = metric_value(&c, &bases[third], "smartmsg_trainer_active").await?;
+        (active == 1.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = model_of(third).await.unwrap();
+    assert_eq!(m["version"], from + 1, "held across the takeover: {m}");
+    let resumed = c
+        .post(format!("{}/v1/model/resume", bases[third]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 202);
+    eventually("training resumed", Duration::from_secs(30), || async {
+        let m = model_of(third).await?;
+        (m["version"].as_u64()? > from + 1 && m["training_held"] == false).then_some(())
+    })
+    .await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     producer.await.unwrap();
     let versions = current_versions(&log).await;

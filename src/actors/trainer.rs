@@ -2,12 +2,15 @@
 //! the attribution window, keeps the evidence per (campaign, creative) in
 //! sled (with the consumed offsets in the same batch), and every retrain
 //! interval with new evidence publishes a new validated model version to
-//! the compacted `models` topic (`v<N>` and `current`). One node of the
+//! the compacted `models` topic (`v<N>` and `current`; versions older than
+//! `model.keep_versions` are tombstoned). Operators' requests come in on
+//! `model-commands`: a rollback serves the version before the current one
+//! again, as a new version, and holds training until a resume. One node of the
 //! cluster trains at a time (see `node::tree`: an election through a
 //! consumer group), and only once it has caught up with the reactions.
 
 use crate::actors::SharedCtx;
-use crate::domain::model::{Arm, Model};
+use crate::domain::model::{Arm, Model, ModelCommand, ModelCommandKind};
 use crate::domain::reaction::{parse_reaction, Action};
 use crate::io::store::SendRecord;
 use crate::io::{OutRecord, TopicReader, Txn, TxnWriter};
@@ -25,8 +28,16 @@ pub enum TrainerMsg {
 pub struct TrainerState {
     ctx: SharedCtx,
     reader: Box<dyn TopicReader>,
+    /// Operators' rollback and resume requests (`model-commands`).
+    commands: Box<dyn TopicReader>,
     writer: Arc<dyn TxnWriter>,
+    /// The latest version on the models topic, and its artifact (`None`
+    /// if unreadable: then a rollback has nothing to go back from).
     version: u64,
+    current: Option<Model>,
+    /// The current model is a rollback: no new fit is published until an
+    /// operator resumes training.
+    held: bool,
     dirty: bool,
     /// Whether the reader has reached the end of the reactions once: a
     /// trainer that has just taken over (or whose node was down) first
@@ -36,31 +47,56 @@ pub struct TrainerState {
     last_fit: Instant,
 }
 
-/// Highest `v<N>` on the models topic.
-async fn latest_version(ctx: &SharedCtx) -> Result<u64, ActorProcessingErr> {
+/// The number of a `v<N>` key.
+fn version_key(key: Option<&[u8]>) -> Option<u64> {
+    std::str::from_utf8(key?)
+        .ok()?
+        .strip_prefix('v')?
+        .parse()
+        .ok()
+}
+
+/// Read the whole models topic: the highest `v<N>` ever written (a
+/// tombstoned version still counts: numbers are never reused) and the
+/// artifact of version `want` (`None` for the highest), if still kept.
+async fn scan_models(
+    ctx: &SharedCtx,
+    want: Option<u64>,
+) -> Result<(u64, Option<Model>), ActorProcessingErr> {
     let mut max = 0;
+    let mut artifacts: BTreeMap<u64, Option<Vec<u8>>> = BTreeMap::new();
     let from = vec![0; ctx.topics.partitions as usize];
     let mut r = ctx.log.topic_reader(&ctx.topics.models, &from)?;
-    {
-        loop {
-            let recs = r.next_batch(1000, Duration::ZERO).await?;
-            if recs.is_empty() {
-                break;
-            }
-            for rec in recs {
-                if let Some(n) = rec
-                    .key
-                    .as_deref()
-                    .and_then(|k| std::str::from_utf8(k).ok())
-                    .and_then(|k| k.strip_prefix('v'))
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    max = max.max(n);
+    loop {
+        let recs = r.next_batch(1000, Duration::ZERO).await?;
+        if recs.is_empty() {
+            break;
+        }
+        for rec in recs {
+            if let Some(n) = version_key(rec.key.as_deref()) {
+                max = max.max(n);
+                if want.is_none_or(|w| w == n) {
+                    // Only the newest candidates are worth their bytes.
+                    if want.is_none() {
+                        artifacts.retain(|v, _| *v >= n);
+                    }
+                    artifacts.insert(n, rec.value);
                 }
             }
         }
     }
-    Ok(max)
+    let want = want.unwrap_or(max);
+    let artifact = match artifacts.remove(&want).flatten() {
+        Some(bytes) => match Model::from_bytes(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(version = want, error = %e, "model artifact unreadable");
+                None
+            }
+        },
+        None => None,
+    };
+    Ok((max, artifact))
 }
 
 /// Fold a batch of reaction records into the evidence (blocking sled IO).
@@ -141,28 +177,115 @@ fn absorb(
 impl TrainerState {
     async fn fit_and_publish(&mut self) -> Result<(), ActorProcessingErr> {
         let arms = self.ctx.trainer_store.arms()?;
-        let version = self.version + 1;
-        let model = Model::new(version, self.ctx.clock.now_ms(), arms);
+        let model = Model::new(self.version + 1, self.ctx.clock.now_ms(), arms);
         if let Err(e) = model.validate() {
-            tracing::error!(version, error = %e, "trained model failed validation; not published");
+            tracing::error!(version = model.version, error = %e,
+                "trained model failed validation; not published");
             metrics::counter!("smartmsg_model_swaps_total", "result" => "invalid_trained")
                 .increment(1);
             return Ok(());
         }
-        let bytes = model.to_bytes();
+        self.publish(model).await?;
+        metrics::counter!("smartmsg_models_trained_total").increment(1);
+        Ok(())
+    }
+
+    /// Write `model` as `v<N>` and `current`, and retire the version that
+    /// falls out of `model.keep_versions`, in one transaction.
+    async fn publish(&mut self, model: Model) -> Result<(), ActorProcessingErr> {
         let topic = &self.ctx.topics.models;
+        let version = model.version;
+        let bytes = model.to_bytes();
+        let mut records = vec![
+            OutRecord::keyed(topic, format!("v{version}"), Some(bytes.clone())),
+            OutRecord::keyed(topic, "current", Some(bytes)),
+        ];
+        let keep = self.ctx.cfg.model.keep_versions;
+        if version > keep {
+            records.push(OutRecord::keyed(
+                topic,
+                format!("v{}", version - keep),
+                None,
+            ));
+        }
         self.writer
             .commit(Txn {
-                records: vec![
-                    OutRecord::keyed(topic, format!("v{version}"), Some(bytes.clone())),
-                    OutRecord::keyed(topic, "current", Some(bytes)),
-                ],
+                records,
                 offsets: vec![],
             })
             .await?;
+        tracing::info!(
+            version,
+            examples = model.examples,
+            restored_from = model.restored_from,
+            "model published"
+        );
         self.version = version;
-        metrics::counter!("smartmsg_models_trained_total").increment(1);
-        tracing::info!(version, examples = model.examples, "model published");
+        self.held = model.restored_from.is_some();
+        self.current = Some(model);
+        Ok(())
+    }
+
+    /// Apply an operator's request; what it did is logged and counted.
+    async fn apply(&mut self, cmd: ModelCommand) -> Result<(), ActorProcessingErr> {
+        let outcome = if cmd.from_version != self.version {
+            "stale"
+        } else {
+            match cmd.kind {
+                ModelCommandKind::Rollback => self.roll_back().await?,
+                ModelCommandKind::Resume if self.held => {
+                    self.fit_and_publish().await?;
+                    self.dirty = false;
+                    self.last_fit = Instant::now();
+                    "applied"
+                }
+                ModelCommandKind::Resume => "not_held",
+            }
+        };
+        tracing::info!(command_id = %cmd.command_id, kind = cmd.kind.as_str(),
+            from_version = cmd.from_version, version = self.version, outcome, "model command");
+        metrics::counter!("smartmsg_model_commands_total",
+            "type" => cmd.kind.as_str(), "result" => outcome)
+        .increment(1);
+        Ok(())
+    }
+
+    /// Serve the evidence of the version before the current one again, as
+    /// a new version; training is held until a resume.
+    async fn roll_back(&mut self) -> Result<&'static str, ActorProcessingErr> {
+        let Some(current) = &self.current else {
+            return Ok("current_unreadable");
+        };
+        let Some(source) = current.rollback_source() else {
+            return Ok("none_earlier");
+        };
+        let artifact = if source == 0 {
+            Some(Model::prior())
+        } else {
+            scan_models(&self.ctx, Some(source)).await?.1
+        };
+        let Some(artifact) = artifact else {
+            return Ok("not_kept");
+        };
+        let model = Model::restore(self.version + 1, self.ctx.clock.now_ms(), &artifact);
+        self.publish(model).await?;
+        Ok("applied")
+    }
+
+    /// Requests that arrived since the last poll, in order.
+    async fn poll_commands(&mut self) -> Result<(), ActorProcessingErr> {
+        for rec in self.commands.next_batch(100, Duration::ZERO).await? {
+            match serde_json::from_slice::<ModelCommand>(rec.value.as_deref().unwrap_or_default()) {
+                Ok(cmd) => self.apply(cmd).await?,
+                Err(e) => {
+                    tracing::warn!(partition = rec.partition, offset = rec.offset, error = %e,
+                        "unreadable model command skipped");
+                    metrics::counter!("smartmsg_model_commands_total",
+                        "type" => "unknown", "result" => "unreadable")
+                    .increment(1);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -187,7 +310,26 @@ impl Actor for TrainerActor {
             .txn_writer(&format!("{}trainer", ctx.cfg.kafka.topic_prefix))
             .await?;
         writer.commit(Txn::default()).await?;
-        let version = latest_version(&ctx).await?;
+        let (version, current) = scan_models(&ctx, None).await?;
+        let current = if version == 0 {
+            Some(Model::prior())
+        } else {
+            current
+        };
+        let held = current.as_ref().is_some_and(|m| m.restored_from.is_some());
+        if held {
+            tracing::info!(
+                version,
+                "the current model is a rollback: training is held until a resume"
+            );
+        }
+        metrics::gauge!("smartmsg_trainer_active").set(1.0);
+        // Every request is read again at each takeover: those already
+        // applied name an older version and do nothing.
+        let commands = ctx.log.topic_reader(
+            &ctx.topics.model_commands,
+            &vec![0; ctx.topics.partitions as usize],
+        )?;
         let from = (0..ctx.topics.partitions)
             .map(|p| ctx.trainer_store.offset(&ctx.topics.reactions, p))
             .collect::<Result<Vec<u64>, _>>()?;
@@ -196,12 +338,24 @@ impl Actor for TrainerActor {
         Ok(TrainerState {
             ctx,
             reader,
+            commands,
             writer,
             version,
+            current,
+            held,
             dirty: false,
             caught_up: false,
             last_fit: Instant::now(),
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        _state: &mut TrainerState,
+    ) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!("smartmsg_trainer_active").set(0.0);
+        Ok(())
     }
 
     async fn handle(
@@ -237,7 +391,11 @@ impl Actor for TrainerActor {
             state.dirty |= changed;
         }
         let interval = Duration::from_millis(state.ctx.cfg.model.retrain_interval_ms);
-        if state.caught_up && state.dirty && state.last_fit.elapsed() >= interval {
+        if state.caught_up {
+            // Only once caught up: a resume publishes a fit of all the evidence.
+            state.poll_commands().await?;
+        }
+        if state.caught_up && state.dirty && !state.held && state.last_fit.elapsed() >= interval {
             state.fit_and_publish().await?;
             state.dirty = false;
             state.last_fit = Instant::now();

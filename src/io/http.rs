@@ -6,8 +6,9 @@
 use crate::actors::SharedCtx;
 use crate::domain::campaign::{
     check_transition, parse_budget, parse_create, parse_simple, valid_id, CampaignState, Command,
-    CommandKind,
+    CommandKind, FieldError,
 };
+use crate::domain::model::{ModelCommand, ModelCommandKind};
 use crate::domain::reaction::Action;
 use crate::domain::window::WindowKind;
 use crate::io::OutRecord;
@@ -92,6 +93,16 @@ fn parse_json(bytes: &Bytes) -> Result<Value, ApiError> {
             json!({ "error": format!("body: malformed JSON: {e}"), "field": "body" }),
         )
     })
+}
+
+/// A body that may be left out (empty or blank), else JSON.
+fn optional_json(body: Result<Bytes, BytesRejection>) -> Result<Option<Value>, ApiError> {
+    let bytes = body_bytes(body)?;
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        Ok(None)
+    } else {
+        parse_json(&bytes).map(Some)
+    }
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -180,12 +191,7 @@ async fn simple_command(
     kind: CommandKind,
 ) -> ApiResult {
     authorize(&app, &headers)?;
-    let bytes = body_bytes(body)?;
-    let v = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        None
-    } else {
-        Some(parse_json(&bytes)?)
-    };
+    let v = optional_json(body)?;
     let cmd = parse_simple(v.as_ref(), &id, kind, gen_id).map_err(bad_field)?;
     submit(&app, cmd, false).await
 }
@@ -438,7 +444,106 @@ async fn get_model(State(app): State<App>) -> ApiResult {
     let m = app.ctx.model.load();
     ok(
         StatusCode::OK,
-        json!({"version": m.version, "trained_at": m.trained_at, "examples": m.examples, "metrics": m.metrics}),
+        json!({"version": m.version, "trained_at": m.trained_at, "examples": m.examples,
+            "metrics": m.metrics, "restored_from": m.restored_from,
+            "training_held": m.restored_from.is_some()}),
+    )
+}
+
+async fn model_rollback(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    model_command(app, headers, body, ModelCommandKind::Rollback).await
+}
+
+async fn model_resume(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    model_command(app, headers, body, ModelCommandKind::Resume).await
+}
+
+/// A rollback or resume for the trainer, made against this node's current
+/// model (an optional body may name it: `from_version`, and `command_id`).
+/// Checked here against that model, applied by the trainer only if no
+/// newer version appeared meanwhile; answered 202.
+async fn model_command(
+    app: App,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: ModelCommandKind,
+) -> ApiResult {
+    authorize(&app, &headers)?;
+    let v = optional_json(body)?;
+    let current = app.ctx.model.load_full();
+    let mut command_id = None;
+    if let Some(v) = &v {
+        let obj = v.as_object().ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "body: must be a JSON object", "field": "body"}),
+            )
+        })?;
+        if let Some(id) = obj.get("command_id") {
+            let id = id.as_str().ok_or_else(|| {
+                bad_field(FieldError {
+                    field: "command_id".into(),
+                    message: "must be a string".into(),
+                })
+            })?;
+            valid_id("command_id", id).map_err(bad_field)?;
+            command_id = Some(id.to_string());
+        }
+        if let Some(f) = obj.get("from_version") {
+            let f = f.as_u64().ok_or_else(|| {
+                bad_field(FieldError {
+                    field: "from_version".into(),
+                    message: "must be an integer >= 0".into(),
+                })
+            })?;
+            if f != current.version {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    json!({"error": format!("from_version: the current model version is {}", current.version),
+                        "field": "from_version", "version": current.version}),
+                ));
+            }
+        }
+    }
+    let refusal = match kind {
+        ModelCommandKind::Rollback if current.rollback_source().is_none() => {
+            Some("no earlier model version to go back to")
+        }
+        ModelCommandKind::Resume if current.restored_from.is_none() => {
+            Some("training is not held by a rollback")
+        }
+        _ => None,
+    };
+    if let Some(r) = refusal {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            json!({"error": r, "version": current.version}),
+        ));
+    }
+    let cmd = ModelCommand {
+        command_id: command_id.unwrap_or_else(gen_id),
+        kind,
+        from_version: current.version,
+        ts: app.ctx.clock.now_ms(),
+    };
+    // One key: the requests stay in order on one partition.
+    let record = OutRecord::keyed(
+        &app.ctx.topics.model_commands,
+        "model",
+        Some(serde_json::to_vec(&cmd).expect("serialisable")),
+    );
+    app.ctx.log.publish(vec![record]).await.map_err(internal)?;
+    ok(
+        StatusCode::ACCEPTED,
+        json!({"command_id": cmd.command_id, "from_version": cmd.from_version}),
     )
 }
 
@@ -501,6 +606,8 @@ pub fn router(ctx: SharedCtx, metrics: PrometheusHandle) -> Router {
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/channels/{id}/subscribers", put(put_subscribers))
         .route("/v1/model", get(get_model))
+        .route("/v1/model/rollback", post(model_rollback))
+        .route("/v1/model/resume", post(model_resume))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -16,6 +16,8 @@ pub struct Topics {
     pub aggregates: String,
     pub reactions_dlq: String,
     pub models: String,
+    /// Rollback and resume requests to the trainer (internal).
+    pub model_commands: String,
     pub contents: String,
     pub content_matches: String,
     /// Changelog of the window aggregators' state (internal).
@@ -36,6 +38,7 @@ impl Topics {
             aggregates: t("reaction-aggregates"),
             reactions_dlq: t("reaction-logs.dlq"),
             models: t("models"),
+            model_commands: t("model-commands"),
             contents: t("contents"),
             content_matches: t("content-matches"),
             aggregator_changelog: t("aggregator-changelog"),
@@ -61,6 +64,7 @@ impl Topics {
             spec(&self.aggregates, false),
             spec(&self.reactions_dlq, false),
             spec(&self.models, true),
+            spec(&self.model_commands, false),
             spec(&self.contents, false),
             spec(&self.content_matches, false),
             spec(&self.aggregator_changelog, true),
