@@ -159,3 +159,42 @@ fn bench_ingest_counts_every_valid_record_and_prints_its_json_line() {
         assert!(v[k].as_f64().unwrap() > 0.0, "{v}");
     }
 }
+
+#[test]
+fn bench_percolate_agrees_with_brute_force_and_prints_the_contracts_fields() {
+    let out = smartmsg()
+        .args([
+            "bench",
+            "percolate",
+            "--filters",
+            "2000",
+            "--docs",
+            "2000",
+            "--brute-force-docs",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let text = common::success_stdout(&out);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (v["filters"].as_u64(), v["docs"].as_u64()),
+        (Some(2000), Some(2000))
+    );
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(v["matches_per_doc"].as_f64().unwrap() > 0.0, "{v}");
+    for k in [
+        "docs_per_s_per_core",
+        "brute_force_docs_per_s_per_core",
+        "speedup",
+    ] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+    // Bad arguments: one clear line, no JSON.
+    let out = smartmsg()
+        .args(["bench", "percolate", "--filters", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be > 0"));
+}

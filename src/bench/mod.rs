@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod ingest;
+pub mod percolate;
 pub mod rebuild;
 pub mod synth;
 
@@ -30,6 +31,9 @@ pub enum BenchCmd {
     Rebuild(rebuild::RebuildArgs),
     /// Jobs through the RabbitMQ delay queue: publish rate and lateness.
     DelayQueue(DelayQueueArgs),
+    /// Content classification on one core: the filter index against
+    /// checking every filter (brute force), matches verified.
+    Percolate(percolate::PercolateArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -65,6 +69,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::DelayQueue(a) => delay_queue(a).await,
         BenchCmd::Aggregate(a) => aggregate::run(a).await,
         BenchCmd::Ingest(a) => ingest::run(a),
+        BenchCmd::Percolate(a) => percolate::run(a),
         BenchCmd::Rebuild(a) => rebuild::run(a).await,
     }
 }
