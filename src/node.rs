@@ -4,6 +4,7 @@
 
 use crate::actors::aggregator::{AggregatorArgs, WindowAggregatorActor};
 use crate::actors::command_partition::{CommandPartitionActor, CommandPartitionArgs};
+use crate::actors::filters::FiltersProjection;
 use crate::actors::materializer::{
     EventsProjection, MaterializerActor, MaterializerArgs, Projection, ReportProjection,
     SubscribersProjection,
@@ -165,6 +166,7 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
         materializer(ctx, Arc::new(EventsProjection(ctx.clone()))),
         materializer(ctx, Arc::new(SubscribersProjection(ctx.clone()))),
         materializer(ctx, Arc::new(ReportProjection(ctx.clone()))),
+        materializer(ctx, Arc::new(FiltersProjection(ctx.clone()))),
     ];
     let targeting_name = TargetingRef::for_node(&ctx.node_id).name;
     let c = ctx.clone();
@@ -332,6 +334,7 @@ impl Node {
             trainer_store: TrainerStore::open(&db)?,
             stores: Arc::new(SledStores { db: db.clone() }),
             model: Arc::new(ArcSwap::from_pointee(Model::prior())),
+            filters: Default::default(),
             readiness: Arc::new(Readiness::default()),
         });
         let root = start_supervisor(tree(&ctx), None)

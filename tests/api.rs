@@ -409,6 +409,31 @@ async fn mutating_endpoints_need_the_bearer_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    // So do the model, filter and classification endpoints.
+    let f = json!({"filter_id": "f", "all": [{"field": "t", "gte": 1}]});
+    for (method, path, body) in [
+        (reqwest::Method::POST, "/v1/model/rollback", Value::Null),
+        (reqwest::Method::POST, "/v1/model/resume", Value::Null),
+        (reqwest::Method::POST, "/v1/filters", f),
+        (reqwest::Method::DELETE, "/v1/filters/f", Value::Null),
+        (reqwest::Method::POST, "/v1/classify", json!({"fields": {}})),
+    ] {
+        let r = c
+            .request(method, format!("{base}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let r = c
+        .post(format!("{base}/v1/classify"))
+        .bearer_auth("s3cret")
+        .json(&json!({"fields": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     // Reads and health stay open.
     assert_eq!(
         c.get(format!("{base}/healthz"))
@@ -704,5 +729,92 @@ async fn model_rollback_holds_training_until_resumed() {
             "v{n} of {latest}: {last:?}"
         );
     }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_are_registered_listed_deleted_and_classify_documents() {
+    let (node, base, _dir) = start("api-filters", |_| {}).await;
+    let c = client();
+    let filters = format!("{base}/v1/filters");
+    let classify = |fields: Value| {
+        let (c, url) = (c.clone(), format!("{base}/v1/classify"));
+        async move { post_json(&c, &url, Some(json!({ "fields": fields }))).await }
+    };
+    let sale = json!({"filter_id": "sale", "all": [
+        {"field": "title", "contains_any": ["Sale", "deal"]},
+        {"field": "image_count", "gte": 2}]});
+    let (s, r) = post_json(&c, &filters, Some(sale)).await;
+    assert_eq!((s, r["filter_id"].as_str()), (201, Some("sale")));
+    // No id: one is generated. Read back at once on this node.
+    let (s, r) = post_json(
+        &c,
+        &filters,
+        Some(json!({"all": [{"field": "cat", "in": ["shoes", 7]}]})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let generated = r["filter_id"].as_str().unwrap().to_string();
+    let doc = json!({"title": "Big SALE!", "image_count": 3, "cat": 7.0});
+    let (s, r) = classify(doc.clone()).await;
+    let mut want = vec![generated.clone(), "sale".to_string()];
+    want.sort();
+    assert_eq!((s, r["filter_ids"].clone()), (200, json!(want)));
+    assert_eq!(
+        classify(json!({"title": "wholesale", "image_count": 3}))
+            .await
+            .1["filter_ids"],
+        json!([])
+    );
+    // Replacing an id answers 200.
+    let narrower =
+        json!({"filter_id": "sale", "all": [{"field": "title", "contains_any": ["deal"]}]});
+    assert_eq!(post_json(&c, &filters, Some(narrower)).await.0, 200);
+    assert_eq!(
+        classify(doc.clone()).await.1["filter_ids"],
+        json!([generated])
+    );
+    let (s, list) = status_of(&c, &filters).await;
+    assert_eq!(s, 200);
+    let ids: Vec<&str> = list["filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["filter_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{list}");
+    assert!(list["filters"].as_array().unwrap().contains(
+        &json!({"filter_id": "sale", "all": [{"field": "title", "contains_any": ["deal"]}]})
+    ));
+    // Delete: 204, then 404; the filter no longer matches.
+    let del = |id: &str| {
+        let (c, url) = (c.clone(), format!("{filters}/{id}"));
+        async move { c.delete(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(del(&generated).await, 204);
+    assert_eq!(del(&generated).await, 404);
+    assert_eq!(classify(doc).await.1["filter_ids"], json!([]));
+    // Bad filters and documents: 400 naming the field.
+    for (body, field) in [
+        (json!({"all": []}), "all"),
+        (
+            json!({"all": [{"field": "t", "contains_any": [""]}]}),
+            "all[0].contains_any[0]",
+        ),
+        (json!({"all": [{"field": "t", "in": []}]}), "all[0].in"),
+        (json!({"all": [{"field": "t", "near": 1}]}), "all[0]"),
+    ] {
+        let (s, e) = post_json(&c, &filters, Some(body.clone())).await;
+        assert_eq!((s, e["field"].as_str()), (400, Some(field)), "{body}: {e}");
+    }
+    let (s, e) = post_json(
+        &c,
+        &format!("{base}/v1/classify"),
+        Some(json!({"fields": 3})),
+    )
+    .await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("fields")));
+    let r = c.post(&filters).body("{nope").send().await.unwrap();
+    assert_eq!(r.status(), 400);
     node.shutdown().await;
 }

@@ -471,7 +471,8 @@ async fn current_versions(log: &KafkaLog) -> Vec<u64> {
 /// One trainer per cluster: of three nodes that all have the trainer role,
 /// one trains; when it is SIGKILLed, another takes over, and the published
 /// versions keep increasing, none written twice. A rollback asked of any
-/// node holds training, also across a takeover, until a resume.
+/// node holds training, also across a takeover, until a resume. A filter
+/// registered on one node classifies on all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_trains_and_another_takes_over_when_it_dies() {
     let tansu = Tansu::start();
@@ -540,6 +541,35 @@ async fn one_node_trains_and_another_takes_over_when_it_dies() {
         t.iter().find(|(_, n)| *n >= 2.0).map(|(i, _)| *i)
     })
     .await;
+    // A filter registered on one node classifies on every node.
+    let bases: Vec<String> = nodes.iter().map(|n| n.base()).collect();
+    let filter = json!({"filter_id": "f1", "all": [{"field": "title", "contains_any": ["sale"]}]});
+    let r = c
+        .post(format!("{}/v1/filters", bases[0]))
+        .json(&filter)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for base in &bases {
+        eventually(
+            "the filter on every node",
+            Duration::from_secs(30),
+            || async {
+                let r: serde_json::Value = c
+                    .post(format!("{base}/v1/classify"))
+                    .json(&json!({"fields": {"title": "Summer SALE"}}))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (r["filter_ids"] == json!(["f1"])).then_some(())
+            },
+        )
+        .await;
+    }
     // Several retrain intervals later, it is still the only one.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let t = trainers(&nodes).await;
@@ -577,7 +607,6 @@ async fn one_node_trains_and_another_takes_over_when_it_dies() {
         .unwrap();
     let from = r["from_version"].as_u64().expect("202 with from_version");
     let live = [second, third];
-    let bases: Vec<String> = nodes.iter().map(|n| n.base()).collect();
     let model_of = |i: usize| {
         let (c, base) = (c.clone(), bases[i].clone());
         async move { common::get_json(&c, &format!("{base}/v1/model")).await }

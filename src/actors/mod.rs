@@ -11,10 +11,12 @@
 //! | [`trainer::TrainerActor`] | attribution of clicks to sends, model versions |
 //! | [`aggregator::WindowAggregatorActor`] | one partition of `reaction-logs`: event-time windows |
 //! | [`materializer::MaterializerActor`] | one partition of a topic projected into a sled store |
+//! | ([`filters::FiltersProjection`]) | the `filters` topic projected into the node's filter index |
 
 pub mod aggregator;
 pub mod campaign;
 pub mod command_partition;
+pub mod filters;
 pub mod materializer;
 pub mod scheduler;
 pub mod targeting;
@@ -70,6 +72,8 @@ pub struct Ctx {
     pub stores: Arc<dyn StateStores>,
     /// The model in use; swapped atomically by the targeting actor.
     pub model: Arc<ArcSwap<Model>>,
+    /// The content filters and their index (materializer role).
+    pub filters: Arc<filters::FilterRegistry>,
     pub readiness: Arc<Readiness>,
 }
 

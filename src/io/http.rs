@@ -8,6 +8,7 @@ use crate::domain::campaign::{
     check_transition, parse_budget, parse_create, parse_simple, valid_id, CampaignState, Command,
     CommandKind, FieldError,
 };
+use crate::domain::filter::{Filter, FilterError};
 use crate::domain::model::{ModelCommand, ModelCommandKind};
 use crate::domain::reaction::Action;
 use crate::domain::window::WindowKind;
@@ -547,6 +548,106 @@ async fn model_command(
     )
 }
 
+/// How long a filter change waits to be applied on this node (so that the
+/// writer's next request here sees it).
+const FILTER_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn bad_filter(e: FilterError) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        json!({ "error": e.to_string(), "field": e.field }),
+    )
+}
+
+/// Write a filter change to the `filters` topic, then wait until this
+/// node has applied it.
+async fn write_filter(app: &App, id: &str, value: Option<Vec<u8>>) -> Result<(), ApiError> {
+    let ctx = &app.ctx;
+    let written = ctx
+        .log
+        .publish(vec![OutRecord::keyed(
+            &ctx.topics.filters,
+            id.to_string(),
+            value,
+        )])
+        .await
+        .map_err(internal)?;
+    let w = written
+        .first()
+        .ok_or_else(|| internal("the filter write was not acknowledged"))?;
+    if ctx
+        .filters
+        .wait_applied(w.partition, w.offset, FILTER_APPLY_WAIT)
+        .await
+    {
+        Ok(())
+    } else {
+        Err(internal(
+            "the filter was written but this node has not applied it yet (node.roles needs materializer)",
+        ))
+    }
+}
+
+async fn put_filter(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    authorize(&app, &headers)?;
+    let mut v = parse_json(&body_bytes(body)?)?;
+    if let Some(o) = v.as_object_mut() {
+        o.entry("filter_id")
+            .or_insert_with(|| Value::String(gen_id()));
+    }
+    let filter = Filter::parse(&v).map_err(bad_filter)?;
+    let existed = app.ctx.filters.index().get(&filter.filter_id).is_some();
+    let bytes = serde_json::to_vec(&filter.to_json()).expect("serialisable");
+    write_filter(&app, &filter.filter_id, Some(bytes)).await?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    ok(status, json!({ "filter_id": filter.filter_id }))
+}
+
+async fn list_filters(State(app): State<App>) -> ApiResult {
+    let index = app.ctx.filters.index();
+    let filters: Vec<Value> = index.filters().iter().map(Filter::to_json).collect();
+    ok(StatusCode::OK, json!({ "filters": filters }))
+}
+
+async fn delete_filter(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorize(&app, &headers)?;
+    if app.ctx.filters.index().get(&id).is_none() {
+        return Err(err(StatusCode::NOT_FOUND, format!("filter {id} not found")));
+    }
+    write_filter(&app, &id, None).await?;
+    metrics::counter!("smartmsg_http_requests_total", "status" => "2xx").increment(1);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn classify(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    authorize(&app, &headers)?;
+    let v = parse_json(&body_bytes(body)?)?;
+    let Some(fields) = v.get("fields").and_then(Value::as_object) else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "fields: must be an object", "field": "fields"}),
+        ));
+    };
+    let ids = app.ctx.filters.index().classify(fields);
+    ok(StatusCode::OK, json!({ "filter_ids": ids }))
+}
+
 async fn metrics_text(State(app): State<App>) -> Response {
     (
         [(
@@ -608,6 +709,9 @@ pub fn router(ctx: SharedCtx, metrics: PrometheusHandle) -> Router {
         .route("/v1/model", get(get_model))
         .route("/v1/model/rollback", post(model_rollback))
         .route("/v1/model/resume", post(model_resume))
+        .route("/v1/filters", post(put_filter).get(list_filters))
+        .route("/v1/filters/{id}", axum::routing::delete(delete_filter))
+        .route("/v1/classify", post(classify))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -19,6 +19,8 @@ pub struct Topics {
     /// Rollback and resume requests to the trainer (internal).
     pub model_commands: String,
     pub contents: String,
+    /// Content filters by id (internal, compacted).
+    pub filters: String,
     pub content_matches: String,
     /// Changelog of the window aggregators' state (internal).
     pub aggregator_changelog: String,
@@ -40,6 +42,7 @@ impl Topics {
             models: t("models"),
             model_commands: t("model-commands"),
             contents: t("contents"),
+            filters: t("filters"),
             content_matches: t("content-matches"),
             aggregator_changelog: t("aggregator-changelog"),
             partitions: cfg.kafka.partitions,
@@ -66,6 +69,7 @@ impl Topics {
             spec(&self.models, true),
             spec(&self.model_commands, false),
             spec(&self.contents, false),
+            spec(&self.filters, true),
             spec(&self.content_matches, false),
             spec(&self.aggregator_changelog, true),
         ]
