@@ -16,9 +16,7 @@ use crate::domain::window::{
     FinalWindow, PartChange, PartKey, WindowConfig, WindowEngine, WindowMeta,
 };
 use crate::io::store::{AggProgress, AggStateStore};
-use crate::io::{
-    payload_text, GroupMember, OffsetCommit, OutRecord, PartitionReader, RecordRef, Txn, TxnWriter,
-};
+use crate::io::{GroupMember, OffsetCommit, OutRecord, PartitionReader, RecordRef, Txn, TxnWriter};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
@@ -281,19 +279,15 @@ fn dlq_record(ctx: &SharedCtx, partition: u32, r: &RecordRef<'_>, reason: &str) 
     let class = reason.split(':').next().unwrap_or("invalid").to_string();
     metrics::counter!("smartmsg_dlq_records_total", "reason" => class).increment(1);
     tracing::debug!(partition, offset = r.offset, %reason, "reaction dead-lettered");
-    let value = serde_json::json!({
-        "reason": reason,
-        "topic": ctx.topics.reactions,
-        "partition": partition,
-        "offset": r.offset,
-        "payload": payload_text(r.value),
-    });
-    OutRecord {
-        topic: ctx.topics.reactions_dlq.clone(),
-        partition: None,
-        key: r.key.map(<[u8]>::to_vec),
-        value: Some(serde_json::to_vec(&value).expect("serialisable")),
-    }
+    crate::io::dead_letter(
+        &ctx.topics.reactions_dlq,
+        &ctx.topics.reactions,
+        partition,
+        r.offset,
+        r.key,
+        r.value,
+        reason,
+    )
 }
 
 /// The changelog records of one transaction of `partition`: the values of

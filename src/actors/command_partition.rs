@@ -8,7 +8,7 @@ use crate::actors::campaign::{job_of, load_events, CampaignActor, CampaignArgs, 
 use crate::actors::targeting::TargetingRef;
 use crate::actors::{SharedCtx, POLL_WAIT};
 use crate::domain::campaign::{CampaignState, Command, Event};
-use crate::io::{GroupMember, OffsetCommit, OutRecord, PartitionReader, Txn, TxnWriter};
+use crate::io::{GroupMember, OffsetCommit, PartitionReader, Txn, TxnWriter};
 use crate::supervision::{Decision, RestartPolicy, RestartTracker, Strategy};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -88,21 +88,17 @@ impl CommandPartitionState {
         tracing::warn!(partition = self.partition, offset, %reason, "unreadable command dead-lettered");
         metrics::counter!("smartmsg_dlq_records_total", "reason" => "malformed_command")
             .increment(1);
-        let value = serde_json::json!({
-            "reason": reason,
-            "topic": self.ctx.topics.commands,
-            "partition": self.partition,
-            "offset": offset,
-            "payload": crate::io::payload_text(payload.as_deref()),
-        });
         self.writer
             .commit(Txn {
-                records: vec![OutRecord {
-                    topic: self.ctx.topics.commands_dlq.clone(),
-                    partition: None,
-                    key,
-                    value: Some(serde_json::to_vec(&value).expect("serialisable")),
-                }],
+                records: vec![crate::io::dead_letter(
+                    &self.ctx.topics.commands_dlq,
+                    &self.ctx.topics.commands,
+                    self.partition,
+                    offset,
+                    key.as_deref(),
+                    payload.as_deref(),
+                    &reason,
+                )],
                 offsets: vec![OffsetCommit {
                     group: self.ctx.group().to_string(),
                     topic: self.ctx.topics.commands.clone(),

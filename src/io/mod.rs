@@ -68,6 +68,32 @@ pub async fn flush_db(db: &sled::Db) -> Result<(), IoError> {
 
 /// A payload for a dead-letter record: the original bytes as text when they
 /// are UTF-8, else base64.
+/// A dead letter: the record at `offset` of `topic`/`partition`, its reason,
+/// and its original bytes (CONTRACT.md's DLQ shape), keyed as it was.
+pub fn dead_letter(
+    dlq_topic: &str,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    reason: &str,
+) -> OutRecord {
+    let v = serde_json::json!({
+        "reason": reason,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "payload": payload_text(value),
+    });
+    OutRecord {
+        topic: dlq_topic.to_string(),
+        partition: None,
+        key: key.map(<[u8]>::to_vec),
+        value: Some(serde_json::to_vec(&v).expect("serialisable")),
+    }
+}
+
 pub fn payload_text(payload: Option<&[u8]>) -> serde_json::Value {
     use base64::Engine;
     match payload {
