@@ -50,15 +50,19 @@ pub enum Role {
     Materializer,
     /// Refits the targeting model.
     Trainer,
+    /// Classifies `contents` against the filters into `content-matches`
+    /// (needs the materializer role: it keeps the filters).
+    Percolator,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Commands,
         Role::Scheduler,
         Role::Aggregator,
         Role::Materializer,
         Role::Trainer,
+        Role::Percolator,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +71,7 @@ impl Role {
             Role::Aggregator => "aggregator",
             Role::Materializer => "materializer",
             Role::Trainer => "trainer",
+            Role::Percolator => "percolator",
         }
     }
 }
@@ -359,8 +364,11 @@ impl Config {
         if self.supervision.period_ms == 0 {
             errors.push("supervision.period_ms: must be > 0".into());
         }
-        if let Err(e) = parse_roles(&self.node.roles) {
-            errors.push(format!("node.roles: {e}"));
+        match parse_roles(&self.node.roles) {
+            Err(e) => errors.push(format!("node.roles: {e}")),
+            Ok(r) if r.contains(&Role::Percolator) && !r.contains(&Role::Materializer) => errors
+                .push("node.roles: percolator needs materializer (which keeps the filters)".into()),
+            Ok(_) => {}
         }
         if self.storage.cache_mb == 0 {
             errors.push("storage.cache_mb: must be > 0".into());
@@ -565,6 +573,18 @@ mod tests {
         let c =
             Config::load_from(None, env_map(&[("SMARTMSG__KAFKA__COMPRESSION", "zstd")])).unwrap();
         assert_eq!(c.kafka.compression.as_str(), "zstd");
+        let err = Config::load_from(
+            None,
+            env_map(&[("SMARTMSG__NODE__ROLES", "percolator,aggregator")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("percolator needs materializer"), "{err}");
+        Config::load_from(
+            None,
+            env_map(&[("SMARTMSG__NODE__ROLES", "percolator,materializer")]),
+        )
+        .unwrap();
         let err = Config::load_from(None, env_map(&[("SMARTMSG__KAFKA__COMPRESSION", "brotli")]))
             .unwrap_err();
         assert!(err.to_string().contains("kafka.compression"), "{err}");

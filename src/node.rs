@@ -9,6 +9,7 @@ use crate::actors::materializer::{
     EventsProjection, MaterializerActor, MaterializerArgs, Projection, ReportProjection,
     SubscribersProjection,
 };
+use crate::actors::percolator::{PercolatorActor, PercolatorArgs};
 use crate::actors::scheduler::SchedulerActor;
 use crate::actors::targeting::{TargetingModelActor, TargetingRef};
 use crate::actors::trainer::TrainerActor;
@@ -216,6 +217,22 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
             })
         }
     });
+    let percolators = partition_group(ctx, "percolators", ctx.topics.contents.clone(), {
+        let c = ctx.clone();
+        move |member, p| {
+            let c = c.clone();
+            ChildSpec::new(format!("percolator-{p}"), "percolator", move || {
+                (
+                    PercolatorActor,
+                    PercolatorArgs {
+                        ctx: c.clone(),
+                        partition: p,
+                        member: member.clone(),
+                    },
+                )
+            })
+        }
+    });
     // One trainer per cluster: the trainer-role nodes form a group of their
     // own on the models topic, and the owner of the partition of its
     // `current` key trains. When that node leaves or dies, the partition,
@@ -269,6 +286,9 @@ fn tree(ctx: &SharedCtx) -> SupervisorArgs {
     }
     if cfg.runs(Role::Trainer) {
         children.push(trainer);
+    }
+    if cfg.runs(Role::Percolator) {
+        children.push(percolators);
     }
     SupervisorArgs {
         kind: "root".into(),

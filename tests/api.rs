@@ -818,3 +818,107 @@ async fn filters_are_registered_listed_deleted_and_classify_documents() {
     assert_eq!(r.status(), 400);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contents_are_classified_into_content_matches_and_bad_ones_dead_lettered() {
+    let (node, base, _dir) = start("api-percolate", |_| {}).await;
+    let c = client();
+    for f in [
+        json!({"filter_id": "shoes", "all": [{"field": "category", "in": ["shoes"]}]}),
+        json!({"filter_id": "sale", "all": [{"field": "title", "contains_any": ["sale"]}, {"field": "images", "gte": 2}]}),
+    ] {
+        assert_eq!(
+            post_json(&c, &format!("{base}/v1/filters"), Some(f))
+                .await
+                .0,
+            201
+        );
+    }
+    let ctx = node.ctx.clone();
+    let doc = |id: &str, fields: Value| {
+        OutRecord::keyed(
+            &ctx.topics.contents,
+            id.to_string(),
+            Some(
+                json!({"document_id": id, "fields": fields})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+    };
+    ctx.log
+        .publish(vec![
+            doc(
+                "d1",
+                json!({"category": "shoes", "title": "Shoe SALE", "images": 3}),
+            ),
+            doc(
+                "d2",
+                json!({"category": "hats", "title": "sale", "images": 1}),
+            ),
+            doc(
+                "d3",
+                json!({"category": "hats", "title": "Sale!", "images": [1, 5]}),
+            ),
+            OutRecord::keyed(&ctx.topics.contents, "bad1", Some(b"{oops".to_vec())),
+            OutRecord::keyed(
+                &ctx.topics.contents,
+                "bad2",
+                Some(br#"{"document_id":"x"}"#.to_vec()),
+            ),
+        ])
+        .await
+        .unwrap();
+    let read = |topic: String| {
+        let log = ctx.log.clone();
+        async move { common::read_all(log.as_ref(), &topic, 4).await }
+    };
+    let matches = eventually("content matches", Duration::from_secs(20), || async {
+        let recs = read(ctx.topics.content_matches.clone()).await;
+        (recs.len() >= 2).then_some(recs)
+    })
+    .await;
+    let mut got: Vec<(String, Value)> = matches
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+            assert_eq!(
+                r.key.as_deref(),
+                v["document_id"].as_str().map(str::as_bytes)
+            );
+            assert!(v["ts"].is_i64(), "{v}");
+            (
+                v["document_id"].as_str().unwrap().to_string(),
+                v["filter_ids"].clone(),
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    // d2 matches nothing (one image): no record.
+    assert_eq!(
+        got,
+        vec![
+            ("d1".to_string(), json!(["sale", "shoes"])),
+            ("d3".to_string(), json!(["sale"]))
+        ]
+    );
+    let dlq = eventually("content dead letters", Duration::from_secs(20), || async {
+        let recs = read(ctx.topics.contents_dlq.clone()).await;
+        (recs.len() >= 2).then_some(recs)
+    })
+    .await;
+    let reasons: Vec<String> = dlq
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+            v["reason"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.starts_with("malformed")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("fields")), "{reasons:?}");
+    node.shutdown().await;
+}

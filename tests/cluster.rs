@@ -472,7 +472,7 @@ async fn current_versions(log: &KafkaLog) -> Vec<u64> {
 /// one trains; when it is SIGKILLed, another takes over, and the published
 /// versions keep increasing, none written twice. A rollback asked of any
 /// node holds training, also across a takeover, until a resume. A filter
-/// registered on one node classifies on all.
+/// registered on one node classifies on all, and documents on `contents`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_trains_and_another_takes_over_when_it_dies() {
     let tansu = Tansu::start();
@@ -570,6 +570,30 @@ async fn one_node_trains_and_another_takes_over_when_it_dies() {
         )
         .await;
     }
+    // A document on `contents` is classified by the partition's owner.
+    log.publish(vec![OutRecord::keyed(
+        "smartmsg.contents",
+        "doc1",
+        Some(
+            json!({"document_id": "doc1", "fields": {"title": "A sale"}})
+                .to_string()
+                .into_bytes(),
+        ),
+    )])
+    .await
+    .unwrap();
+    let m = eventually("a content match", Duration::from_secs(60), || async {
+        common::read_all(&log, "smartmsg.content-matches", PARTITIONS)
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(m.value.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (v["document_id"].as_str(), v["filter_ids"].clone()),
+        (Some("doc1"), json!(["f1"]))
+    );
     // Several retrain intervals later, it is still the only one.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let t = trainers(&nodes).await;

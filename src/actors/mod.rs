@@ -12,12 +12,14 @@
 //! | [`aggregator::WindowAggregatorActor`] | one partition of `reaction-logs`: event-time windows |
 //! | [`materializer::MaterializerActor`] | one partition of a topic projected into a sled store |
 //! | ([`filters::FiltersProjection`]) | the `filters` topic projected into the node's filter index |
+//! | [`percolator::PercolatorActor`] | one partition of `contents`: documents classified into `content-matches` |
 
 pub mod aggregator;
 pub mod campaign;
 pub mod command_partition;
 pub mod filters;
 pub mod materializer;
+pub mod percolator;
 pub mod scheduler;
 pub mod targeting;
 pub mod trainer;

@@ -19,6 +19,8 @@ pub struct Topics {
     /// Rollback and resume requests to the trainer (internal).
     pub model_commands: String,
     pub contents: String,
+    /// Unreadable `contents` records (internal).
+    pub contents_dlq: String,
     /// Content filters by id (internal, compacted).
     pub filters: String,
     pub content_matches: String,
@@ -43,6 +45,7 @@ impl Topics {
             model_commands: t("model-commands"),
             contents: t("contents"),
             filters: t("filters"),
+            contents_dlq: t("contents.dlq"),
             content_matches: t("content-matches"),
             aggregator_changelog: t("aggregator-changelog"),
             partitions: cfg.kafka.partitions,
@@ -70,6 +73,7 @@ impl Topics {
             spec(&self.model_commands, false),
             spec(&self.contents, false),
             spec(&self.filters, true),
+            spec(&self.contents_dlq, false),
             spec(&self.content_matches, false),
             spec(&self.aggregator_changelog, true),
         ]
