@@ -175,14 +175,7 @@ async fn campaign_runs_end_to_end_through_the_api() {
     assert_eq!(r.status(), 409);
     assert!(r.json::<Value>().await.unwrap()["command_id"].is_string());
 
-    let metrics = c
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(&c, &format!("{base}/metrics")).await;
     for name in [
         "smartmsg_batches_executed_total",
         "smartmsg_messages_sent_total",
@@ -701,14 +694,7 @@ async fn model_rollback_holds_training_until_resumed() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let m = status_of(&c, &model_url).await.1;
     assert!(m["restored_from"].is_null(), "{m}");
-    let metrics = c
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(&c, &format!("{base}/metrics")).await;
     assert!(
         metrics.contains(r#"smartmsg_model_commands_total{type="rollback",result="stale"}"#)
             || metrics.contains(r#"smartmsg_model_commands_total{result="stale",type="rollback"}"#),

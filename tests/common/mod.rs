@@ -88,6 +88,11 @@ pub async fn read_all(
     }
 }
 
+/// The text body of a GET of `url` (a node's `/metrics`, say).
+pub async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    c.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// The JSON body of a GET of `url` (`None` if there is no such answer).
 pub async fn get_json(c: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
     c.get(url).send().await.ok()?.json().await.ok()
