@@ -8,11 +8,11 @@
 use crate::actors::materializer::Projection;
 use crate::actors::SharedCtx;
 use crate::domain::filter::{Filter, FilterIndex};
-use crate::io::{IoError, Record};
+use crate::io::{EventLog, IoError, Record};
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The filters as of the records applied so far.
 pub struct FilterRegistry {
@@ -20,7 +20,13 @@ pub struct FilterRegistry {
     index: ArcSwap<FilterIndex>,
     /// Bumped after each applied batch; waiters re-check their offset.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The topic's ends as read lately (when), shared by the percolator
+    /// partitions that start together: one read, not one each.
+    ends: tokio::sync::Mutex<Option<(Instant, Vec<u64>)>>,
 }
+
+/// How long a read of the topic's ends serves later starters.
+const ENDS_REUSE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Applied {
@@ -35,6 +41,7 @@ impl Default for FilterRegistry {
             state: Mutex::default(),
             index: ArcSwap::from_pointee(FilterIndex::default()),
             changes: tokio::sync::watch::channel(0).0,
+            ends: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -105,6 +112,57 @@ impl FilterRegistry {
             }
         }
     }
+}
+
+impl FilterRegistry {
+    /// Wait until every filter written before this call (up to a second
+    /// before, when another partition read the ends just now) is applied;
+    /// false on timeout.
+    pub async fn wait_current(
+        &self,
+        log: &dyn EventLog,
+        topic: &str,
+        partitions: u32,
+        timeout: Duration,
+    ) -> Result<bool, IoError> {
+        let ends = {
+            let mut cached = self.ends.lock().await;
+            match &*cached {
+                Some((at, ends)) if at.elapsed() < ENDS_REUSE => ends.clone(),
+                _ => {
+                    let ends = topic_ends(log, topic, partitions).await?;
+                    *cached = Some((Instant::now(), ends.clone()));
+                    ends
+                }
+            }
+        };
+        for (p, end) in ends.into_iter().enumerate() {
+            if end > 0 && !self.wait_applied(p as u32, end - 1, timeout).await {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Where each partition of `topic` ends now: read to its end (a high
+/// watermark can be under-reported, BROKERS.md).
+async fn topic_ends(log: &dyn EventLog, topic: &str, partitions: u32) -> Result<Vec<u64>, IoError> {
+    let mut ends = Vec::new();
+    for p in 0..partitions {
+        let mut r = log.reader(topic, p, 0);
+        while !r.at_end() {
+            if r.next_batch(5000, Duration::from_millis(200))
+                .await?
+                .is_empty()
+                && r.at_end()
+            {
+                break;
+            }
+        }
+        ends.push(r.position());
+    }
+    Ok(ends)
 }
 
 /// `filters` -> the node's [`FilterRegistry`].

@@ -62,25 +62,6 @@ pub fn classify_record(
     Ok(Some((id, serde_json::to_vec(&out).expect("serialisable"))))
 }
 
-/// Where each partition of the filters topic ends now (read to its end).
-async fn filters_end(ctx: &SharedCtx) -> Result<Vec<u64>, ActorProcessingErr> {
-    let mut ends = Vec::new();
-    for p in 0..ctx.topics.partitions {
-        let mut r = ctx.log.reader(&ctx.topics.filters, p, 0);
-        while !r.at_end() {
-            if r.next_batch(5000, Duration::from_millis(200))
-                .await?
-                .is_empty()
-                && r.at_end()
-            {
-                break;
-            }
-        }
-        ends.push(r.position());
-    }
-    Ok(ends)
-}
-
 impl PercolatorState {
     async fn process(&self, records: Vec<Record>) -> Result<(), ActorProcessingErr> {
         let Some(last) = records.last().map(|r| r.offset) else {
@@ -144,18 +125,15 @@ impl Actor for PercolatorActor {
         let ctx = args.ctx;
         let p = args.partition;
         // Classify against every filter written before we start, not the
-        // part of them this node happens to have applied.
-        for (fp, end) in filters_end(&ctx).await?.into_iter().enumerate() {
-            if end > 0
-                && !ctx
-                    .filters
-                    .wait_applied(fp as u32, end - 1, FILTERS_WAIT)
-                    .await
-            {
-                return Err(
-                    format!("filters partition {fp} not applied up to {end} in time").into(),
-                );
-            }
+        // part of them this node happens to have applied (partitions that
+        // start together share one read of where the filters end).
+        let t = &ctx.topics;
+        if !ctx
+            .filters
+            .wait_current(ctx.log.as_ref(), &t.filters, t.partitions, FILTERS_WAIT)
+            .await?
+        {
+            return Err(format!("the filters were not applied within {FILTERS_WAIT:?}").into());
         }
         let writer = args.member.writer();
         let from = args.member.committed(p).await?.unwrap_or(0);
