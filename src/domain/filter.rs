@@ -90,8 +90,14 @@ impl Condition {
     }
 }
 
+/// A bound as JSON: an integer when it is one (a filter reads back as it
+/// was written), else a float.
 fn number(n: f64) -> Value {
-    serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+    if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+        Value::from(n as i64)
+    } else {
+        serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+    }
 }
 
 /// JSON equality with numbers compared by value (1 equals 1.0).
@@ -588,6 +594,13 @@ mod tests {
             assert_eq!(idx.matches_brute_force(&d), want, "{d:?}");
         }
         assert_eq!(idx.get("c").unwrap().filter_id, "c");
+        // Bounds read back as written.
+        assert_eq!(
+            idx.get("a").unwrap().to_json()["all"],
+            json!([{"field": "n", "gte": 2}, {"field": "n", "lte": 5}])
+        );
+        let half = filter(json!({"filter_id": "h", "all": [{"field": "n", "gte": 2.5}]}));
+        assert_eq!(half.to_json()["all"][0]["gte"], json!(2.5));
         assert!(idx.get("zz").is_none());
     }
 }
