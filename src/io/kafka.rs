@@ -754,21 +754,45 @@ fn txn_loop(
     id: String,
 ) {
     let mut dead: Option<IoError> = None;
-    // Initialise at once rather than at the first transaction: that fences
-    // a previous incarnation with this transactional id now, aborting the
-    // transaction it left open when it crashed. Until then readers of its
-    // partitions (`read_committed`) cannot read past that transaction, and
-    // a broker without transaction timeouts keeps it open for good, however
-    // long this incarnation has nothing to write. On failure it is retried
-    // at the first transaction.
-    let mut initialised = match producer.init_transactions(OP_TIMEOUT) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(transactional_id = %id, error = %e,
-                "initialising transactions failed; retried at the first transaction");
-            false
+    // Initialise at once, and until it succeeds, rather than at the first
+    // transaction: that fences a previous incarnation with this
+    // transactional id now, aborting the transaction it left open when it
+    // crashed. Until then `read_committed` readers of its partitions —
+    // this node's own restoring aggregators among them, which write nothing
+    // before they have read — cannot read past that transaction, and a
+    // broker without transaction timeouts keeps it open for good. (Seen on
+    // Tansu: an incarnation SIGKILLed half a second after it started left
+    // the next one's first attempt failing; deferring the retry to a first
+    // transaction that never came stalled the partitions.) Requests that
+    // arrive meanwhile are answered with the error (retryable).
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match producer.init_transactions(OP_TIMEOUT) {
+            Ok(()) => break,
+            Err(e) => {
+                let err = kafka_error(&format!("init transactions {id}"), e);
+                if !err.is_retryable() {
+                    tracing::error!(transactional_id = %id, error = %err,
+                        "initialising transactions failed for good; this writer stops");
+                    dead = Some(err);
+                    break;
+                }
+                tracing::warn!(transactional_id = %id, error = %err,
+                    retry_in_ms = backoff.as_millis() as u64, "initialising transactions failed; retrying");
+                let until = Instant::now() + backoff;
+                loop {
+                    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                        Ok(r) => {
+                            let _ = r.reply.send(Err(err.clone()));
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
         }
-    };
+    }
     while let Ok(first) = rx.recv() {
         let mut reqs = vec![first];
         while reqs.len() < 256 {
@@ -782,21 +806,6 @@ fn txn_loop(
                 let _ = r.reply.send(Err(e.clone()));
             }
             continue;
-        }
-        if !initialised {
-            match producer.init_transactions(OP_TIMEOUT) {
-                Ok(()) => initialised = true,
-                Err(e) => {
-                    let err = kafka_error(&format!("init transactions {id}"), e);
-                    if !err.is_retryable() {
-                        dead = Some(err.clone());
-                    }
-                    for r in reqs {
-                        let _ = r.reply.send(Err(err.clone()));
-                    }
-                    continue;
-                }
-            }
         }
         let started = Instant::now();
         let res = run_txn(producer, &mut reqs, group.as_ref());
