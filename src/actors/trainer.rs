@@ -64,7 +64,10 @@ async fn scan_models(
     want: Option<u64>,
 ) -> Result<(u64, Option<Model>), ActorProcessingErr> {
     let mut max = 0;
-    let mut artifacts: BTreeMap<u64, Option<Vec<u8>>> = BTreeMap::new();
+    // The last record of the wanted (else the highest) version so far: a
+    // version's records share a key, hence a partition, so a tombstone
+    // comes after the value it retires.
+    let mut chosen: Option<(u64, Option<Vec<u8>>)> = None;
     let from = vec![0; ctx.topics.partitions as usize];
     let mut r = ctx.log.topic_reader(&ctx.topics.models, &from)?;
     loop {
@@ -75,18 +78,18 @@ async fn scan_models(
         for rec in recs {
             if let Some(n) = version_key(rec.key.as_deref()) {
                 max = max.max(n);
-                if want.is_none_or(|w| w == n) {
-                    // Only the newest candidates are worth their bytes.
-                    if want.is_none() {
-                        artifacts.retain(|v, _| *v >= n);
-                    }
-                    artifacts.insert(n, rec.value);
+                let take = match want {
+                    Some(w) => w == n,
+                    None => chosen.as_ref().is_none_or(|(c, _)| n >= *c),
+                };
+                if take {
+                    chosen = Some((n, rec.value));
                 }
             }
         }
     }
     let want = want.unwrap_or(max);
-    let artifact = match artifacts.remove(&want).flatten() {
+    let artifact = match chosen.and_then(|(_, v)| v) {
         Some(bytes) => match Model::from_bytes(&bytes) {
             Ok(m) => Some(m),
             Err(e) => {
