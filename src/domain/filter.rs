@@ -10,7 +10,7 @@
 //! the index is tested and benchmarked against. Pure: no IO.
 
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Largest number of conditions, words or values a filter may hold.
 pub const MAX_ITEMS: usize = 1024;
@@ -243,11 +243,13 @@ impl Filter {
 
 /// The words of each text field of a document (of all its string elements
 /// for an array).
-type WordSets = HashMap<String, std::collections::HashSet<String>>;
+type WordSets = HashMap<String, HashSet<String>>;
 
-fn word_sets(fields: &Map<String, Value>) -> WordSets {
+/// Only the fields some filter looks for words in are split: a long body
+/// nobody filters on costs nothing.
+fn word_sets(fields: &Map<String, Value>, wanted: &HashSet<String>) -> WordSets {
     let mut out = WordSets::new();
-    for (name, v) in fields {
+    for (name, v) in fields.iter().filter(|(n, _)| wanted.contains(n.as_str())) {
         let scalars: &[Value] = match v {
             Value::Array(a) => a,
             other => std::slice::from_ref(other),
@@ -348,6 +350,8 @@ struct FieldIndex {
 pub struct FilterIndex {
     filters: Vec<Filter>,
     fields: HashMap<String, FieldIndex>,
+    /// Every field of a `contains_any` condition (anchor or not).
+    word_fields: HashSet<String>,
 }
 
 /// How many filters a condition's key may bring in, roughly: the anchor is
@@ -396,7 +400,17 @@ impl FilterIndex {
             fi.gte.sort_by(|a, b| a.0.total_cmp(&b.0));
             fi.lte.sort_by(|a, b| b.0.total_cmp(&a.0));
         }
-        FilterIndex { filters, fields }
+        let word_fields = filters
+            .iter()
+            .flat_map(|f| &f.all)
+            .filter(|c| matches!(c, Condition::ContainsAny { .. }))
+            .map(|c| c.field().to_string())
+            .collect();
+        FilterIndex {
+            filters,
+            fields,
+            word_fields,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -421,7 +435,7 @@ impl FilterIndex {
 
     /// The ids of the filters the document matches, ascending.
     pub fn classify(&self, fields: &Map<String, Value>) -> Vec<String> {
-        let words = word_sets(fields);
+        let words = word_sets(fields, &self.word_fields);
         let mut candidates: Vec<u32> = Vec::new();
         for (name, v) in fields {
             let Some(fi) = self.fields.get(name) else {
@@ -466,7 +480,7 @@ impl FilterIndex {
     /// Every filter checked against the document (its words taken once):
     /// the reference, and the baseline of `bench percolate`.
     pub fn matches_brute_force(&self, fields: &Map<String, Value>) -> Vec<String> {
-        let words = word_sets(fields);
+        let words = word_sets(fields, &self.word_fields);
         self.filters
             .iter()
             .filter(|f| f.matches_words(fields, &words))
