@@ -9,7 +9,9 @@
 mod common;
 
 use common::tansu::Tansu;
-use smartmsg::bench::aggregate::{committed, produce, verify, worker_config, Verdict, Worker};
+use smartmsg::bench::aggregate::{
+    committed, produce, produce_paced, verify, worker_config, Verdict, Worker,
+};
 use smartmsg::bench::synth::{Expected, SynthSpec};
 use smartmsg::config::Config;
 use smartmsg::domain::window::FinalWindow;
@@ -22,6 +24,12 @@ use std::time::{Duration, Instant};
 
 const EVENTS: u64 = 1_000_000;
 const PARTITIONS: u32 = 4;
+/// Records a second of the acceptance run's input (its aggregation alone
+/// runs at well over 1M a second here): ~20 s of input. A killed node's
+/// partitions stand still until its successor is in the group (~7 s here,
+/// the session timeout), while the input goes on arriving: at 100k/s the
+/// second kill came at 976k of 1M records produced.
+const PACE_PER_S: f64 = 50_000.0;
 
 /// Wait (on a blocking thread) until the committed input offsets reach
 /// `at` records in total.
@@ -77,31 +85,66 @@ async fn one_million_events_two_nodes_one_killed_twice_exact_windows() {
         log.ensure_topic(&spec).await.unwrap();
     }
     let spec = SynthSpec::new(EVENTS);
-    let (ends, exp, _) = {
-        let (b, t, s) = (brokers.clone(), topics.reactions.clone(), spec.clone());
-        tokio::task::spawn_blocking(move || produce(&b, &t, &s, PARTITIONS))
-            .await
-            .unwrap()
-            .unwrap()
-    };
-    assert_eq!(ends.iter().sum::<u64>(), EVENTS);
-    assert!(exp.bad > 0 && exp.late > 0);
-
     let group = cfg.kafka.group_id.clone();
+    let a = Worker::spawn(bin, &cfg_a).unwrap();
+    let b_worker = Worker::spawn(bin, &cfg_b).unwrap();
+    // Both nodes are in the group (each restored a partition) before the
+    // input starts, and it arrives at a pace the aggregation keeps up with:
+    // so both kills fall while input is still coming, not after the run.
+    // (Produced all at once, it is aggregated within a second or two.)
+    let joined = tokio::task::spawn_blocking(move || {
+        let a_up = a.await_restores(1, Duration::from_secs(120)).map(|_| ());
+        let b_up = b_worker
+            .await_restores(1, Duration::from_secs(120))
+            .map(|_| ());
+        (a, b_worker, a_up.and(b_up))
+    })
+    .await
+    .unwrap();
+    let (a, b_worker) = {
+        let (a, b, up) = joined;
+        up.unwrap();
+        (a, b)
+    };
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let producing = {
+        let (b, t, s, sent) = (
+            brokers.clone(),
+            topics.reactions.clone(),
+            spec.clone(),
+            sent.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            produce_paced(&b, &t, &s, PARTITIONS, Some((PACE_PER_S, &sent)))
+        })
+    };
     let (l, g, t) = (log.clone(), group.clone(), topics.reactions.clone());
+    let sent2 = sent.clone();
     let (a, b_worker) = tokio::task::spawn_blocking(move || {
-        let mut a = Worker::spawn(bin, &cfg_a).unwrap();
-        let b_worker = Worker::spawn(bin, &cfg_b).unwrap();
+        let mut a = a;
         // Kill node A twice mid-run, restarting it each time.
         for at in [EVENTS / 4, EVENTS / 2] {
             let reached = wait_progress(&l, &g, &t, at, Duration::from_secs(240));
-            eprintln!("SIGKILL node A at {reached} committed records");
+            let produced = sent2.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!("SIGKILL node A at {reached} committed records, {produced} produced");
+            assert!(
+                produced < EVENTS,
+                "the input was all produced before the kill at {reached}"
+            );
             a.kill();
             std::thread::sleep(Duration::from_millis(500));
             a = Worker::spawn(bin, &cfg_a).unwrap();
         }
-        wait_progress(&l, &g, &t, EVENTS, Duration::from_secs(300));
         (a, b_worker)
+    })
+    .await
+    .unwrap();
+    let (ends, exp, _) = producing.await.unwrap().unwrap();
+    assert_eq!(ends.iter().sum::<u64>(), EVENTS);
+    assert!(exp.bad > 0 && exp.late > 0);
+    let (l, g, t) = (log.clone(), group.clone(), topics.reactions.clone());
+    tokio::task::spawn_blocking(move || {
+        wait_progress(&l, &g, &t, EVENTS, Duration::from_secs(300))
     })
     .await
     .unwrap();

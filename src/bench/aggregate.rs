@@ -127,6 +127,19 @@ pub fn produce(
     spec: &SynthSpec,
     partitions: u32,
 ) -> anyhow::Result<(Vec<u64>, Expected, f64)> {
+    produce_paced(brokers, topic, spec, partitions, None)
+}
+
+/// Like `produce`, at most `per_s` records a second when given (so that
+/// consumers run while the input is still arriving), counting the records
+/// handed to the producer so far in `sent`.
+pub fn produce_paced(
+    brokers: &str,
+    topic: &str,
+    spec: &SynthSpec,
+    partitions: u32,
+    pace: Option<(f64, &std::sync::atomic::AtomicU64)>,
+) -> anyhow::Result<(Vec<u64>, Expected, f64)> {
     let ctx = Deliveries::default();
     let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -139,7 +152,16 @@ pub fn produce(
         .set("log_level", "3")
         .create_with_context(ctx)?;
     let started = Instant::now();
+    let mut n = 0u64;
     let exp = generate(spec, |key, value| {
+        if let Some((per_s, sent)) = pace {
+            n += 1;
+            sent.store(n, std::sync::atomic::Ordering::Relaxed);
+            if n.is_multiple_of(1000) {
+                let due = started + Duration::from_secs_f64(n as f64 / per_s);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        }
         let mut rec = BaseRecord::<str, [u8]>::to(topic).key(key);
         if let Some(v) = value {
             rec = rec.payload(v);
