@@ -26,6 +26,7 @@ fn spec(name: &str, partitions: u32) -> TopicSpec {
         name: name.into(),
         partitions,
         compacted: false,
+        max_message_bytes: None,
     }
 }
 

@@ -531,6 +531,7 @@ mod tests {
             name: name.into(),
             partitions,
             compacted: false,
+            max_message_bytes: None,
         }
     }
 

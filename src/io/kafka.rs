@@ -314,13 +314,17 @@ impl EventLog for KafkaLog {
             None => {
                 let policy = if spec.compacted { "compact" } else { "delete" };
                 let retention = if spec.compacted { "-1" } else { "604800000" };
-                let topic = NewTopic::new(
+                let max_bytes = spec.max_message_bytes.map(|b| b.to_string());
+                let mut topic = NewTopic::new(
                     &spec.name,
                     spec.partitions as i32,
                     TopicReplication::Fixed(self.settings().replication_factor),
                 )
                 .set("cleanup.policy", policy)
                 .set("retention.ms", retention);
+                if let Some(b) = &max_bytes {
+                    topic = topic.set("max.message.bytes", b);
+                }
                 let res = self
                     .inner
                     .admin
@@ -723,6 +727,9 @@ impl TxnCoordinator {
             .set("compression.type", s.compression.as_str())
             .set("transaction.timeout.ms", "10000")
             .set("message.timeout.ms", "9000")
+            // Room for a model artifact (the topic takes as much); the
+            // batches themselves stay bounded by `batch.size`.
+            .set("message.max.bytes", crate::io::MODEL_MAX_BYTES.to_string())
             .create_with_context(DeliveryContext {
                 results: Mutex::new(Vec::new()),
                 reported: Default::default(),

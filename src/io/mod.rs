@@ -206,7 +206,15 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: u32,
     pub compacted: bool,
+    /// The largest record the topic takes (`max.message.bytes`), when
+    /// above the broker's default (1 MB on Apache Kafka).
+    pub max_message_bytes: Option<u32>,
 }
+
+/// The largest model artifact: a campaign's creatives carry its feature
+/// statistics (`model.max_features`), so a cluster with many running
+/// campaigns writes artifacts of several MB.
+pub const MODEL_MAX_BYTES: u32 = 16 * 1024 * 1024;
 
 /// A transactional writer. A newer writer with the same transactional id
 /// fences the older one: its commits fail with [`IoError::Fenced`].

@@ -59,6 +59,7 @@ impl Topics {
             name: name.clone(),
             partitions: p,
             compacted,
+            max_message_bytes: None,
         };
         vec![
             spec(&self.commands, false),
@@ -69,7 +70,10 @@ impl Topics {
             spec(&self.reactions, false),
             spec(&self.aggregates, false),
             spec(&self.reactions_dlq, false),
-            spec(&self.models, true),
+            TopicSpec {
+                max_message_bytes: Some(crate::io::MODEL_MAX_BYTES),
+                ..spec(&self.models, true)
+            },
             spec(&self.model_commands, false),
             spec(&self.contents, false),
             spec(&self.filters, true),
