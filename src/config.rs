@@ -203,6 +203,7 @@ pub struct ModelConfig {
     pub attribution_window_ms: u64,
     pub retrain_interval_ms: u64,
     pub keep_versions: u64,
+    pub max_features: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -354,6 +355,9 @@ impl Config {
         if self.model.keep_versions == 0 {
             errors.push("model.keep_versions: must be > 0".into());
         }
+        if !(1..=64).contains(&self.model.max_features) {
+            errors.push("model.max_features: must be between 1 and 64".into());
+        }
         if self.campaign.max_batch_size == 0 {
             errors.push("campaign.max_batch_size: must be > 0".into());
         }
@@ -366,8 +370,24 @@ impl Config {
         }
         match parse_roles(&self.node.roles) {
             Err(e) => errors.push(format!("node.roles: {e}")),
-            Ok(r) if r.contains(&Role::Percolator) && !r.contains(&Role::Materializer) => errors
-                .push("node.roles: percolator needs materializer (which keeps the filters)".into()),
+            Ok(r) if !r.contains(&Role::Materializer) => {
+                // What the materializer keeps, and who reads it.
+                for (role, what) in [
+                    (Role::Percolator, "the filters"),
+                    (Role::Commands, "the subscribers batches are chosen from"),
+                    (
+                        Role::Trainer,
+                        "the subscribers' features and campaigns' channels",
+                    ),
+                ] {
+                    if r.contains(&role) {
+                        errors.push(format!(
+                            "node.roles: {} needs materializer (which keeps {what})",
+                            role.name()
+                        ));
+                    }
+                }
+            }
             Ok(_) => {}
         }
         if self.storage.cache_mb == 0 {
@@ -580,6 +600,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("percolator needs materializer"), "{err}");
+        for roles in ["commands", "trainer,aggregator"] {
+            let err = Config::load_from(None, env_map(&[("SMARTMSG__NODE__ROLES", roles)]))
+                .unwrap_err()
+                .to_string();
+            let first = roles.split(',').next().unwrap();
+            assert!(
+                err.contains(&format!("{first} needs materializer")),
+                "{err}"
+            );
+        }
+        let err = Config::load_from(None, env_map(&[("SMARTMSG__MODEL__MAX_FEATURES", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.max_features"), "{err}");
         Config::load_from(
             None,
             env_map(&[("SMARTMSG__NODE__ROLES", "percolator,materializer")]),

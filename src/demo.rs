@@ -44,13 +44,13 @@ pub struct DemoArgs {
     pub verbose: bool,
 }
 
-const CREATIVES: [(&str, &str, f64); 4] = [
+pub const CREATIVES: [(&str, &str, f64); 4] = [
     ("plain", "Our spring sale starts today.", 0.020),
     ("emoji", "Spring sale is here!", 0.035),
     ("personal", "We picked these just for you.", 0.050),
     ("urgent", "Last hours: 40% off everything.", 0.080),
 ];
-const IMPRESSION_P: f64 = 0.75;
+pub const IMPRESSION_P: f64 = 0.75;
 
 /// The hidden truth of the simulated channel.
 pub struct World {

@@ -597,7 +597,7 @@ async fn model_rollback_holds_training_until_resumed() {
     // aggregated events, and these reactions are only the trainer's.
     let (node, base, _dir) = start("api-model", |c| {
         c.model.keep_versions = 3;
-        c.node.roles = "commands,trainer".into();
+        c.node.roles = "commands,materializer,trainer".into();
     })
     .await;
     let c = client();
@@ -906,5 +906,117 @@ async fn contents_are_classified_into_content_matches_and_bad_ones_dead_lettered
         "{reasons:?}"
     );
     assert!(reasons.iter().any(|r| r.contains("fields")), "{reasons:?}");
+    node.shutdown().await;
+}
+
+/// User targeting end to end: the trainer counts each send over its
+/// subscriber's features (subscribers and the campaign's channel from the
+/// read model), the model it publishes carries them, and a selection by
+/// that model picks the subscribers whose feature the clicks followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trainer_learns_from_subscriber_features() {
+    use smartmsg::domain::model::BatchSpec;
+    // No aggregator: the other tests of this binary count the process's
+    // aggregated events.
+    let (node, base, _dir) = start("api-features", |c| {
+        c.node.roles = "commands,materializer,trainer".into();
+    })
+    .await;
+    let c = client();
+    // 400 subscribers; "x" from 0 to 1, "y" noise.
+    let ndjson: String = (0..400)
+        .map(|i| {
+            format!(
+                "{{\"user_id\":\"f{i:03}\",\"features\":{{\"x\":{},\"y\":{}}}}}\n",
+                i as f64 / 400.0,
+                (i * 37 % 400) as f64 / 400.0
+            )
+        })
+        .collect();
+    let r = c
+        .put(format!("{base}/v1/channels/chf/subscribers"))
+        .body(ndjson)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let t0 = now_ms();
+    let body = json!({"campaign_id": "feat", "channel_id": "chf",
+        "creatives": [{"creative_id": "a", "text": "A"}, {"creative_id": "b", "text": "B"}],
+        "budget": 100, "start_at": t0 + 3_600_000, "end_at": t0 + 3_700_000, "batch_interval_secs": 10});
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let ctx = node.ctx.clone();
+    eventually(
+        "campaign and subscribers materialised",
+        Duration::from_secs(15),
+        || async {
+            let (_, v) = status_of(&c, &format!("{base}/v1/campaigns/feat")).await;
+            (v["status"] == "scheduled" && ctx.subscribers.count("chf") == 400).then_some(())
+        },
+    )
+    .await;
+    // The first 200 got a send (alternating creatives); those with x > 0.3
+    // clicked, whatever the creative.
+    let mut recs = Vec::new();
+    for i in 0..200 {
+        let user = format!("f{i:03}");
+        let creative = if i % 2 == 0 { "a" } else { "b" };
+        let mut ev = |action: &str, ts: i64| {
+            let v = json!({"event_id": format!("{user}/{action}"), "campaign_id": "feat",
+                "creative_id": creative, "user_id": user, "action": action, "ts": ts});
+            recs.push(OutRecord::keyed(
+                &ctx.topics.reactions,
+                user.clone(),
+                Some(v.to_string().into_bytes()),
+            ));
+        };
+        ev("send", t0);
+        if i as f64 / 400.0 > 0.3 {
+            ev("click", t0 + 5_000);
+        }
+    }
+    ctx.log.publish(recs).await.unwrap();
+    let m = eventually(
+        "a model of the 200 sends",
+        Duration::from_secs(20),
+        || async {
+            let (_, m) = status_of(&c, &format!("{base}/v1/model")).await;
+            (m["examples"] == 200).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(m["metrics"]["featured_examples"], 200.0, "{m}");
+    let model = ctx.model.load_full();
+    let arm = model.arm("feat", "a");
+    assert_eq!((arm.sends, arm.clicks), (100, 39));
+    assert_eq!(arm.linear.names, vec!["x", "y"]);
+    // The next batch from the 200 not yet messaged: the high-x ones.
+    let exclude: std::collections::HashSet<String> = (0..200).map(|i| format!("f{i:03}")).collect();
+    let pop = ctx.subscribers.population("chf").unwrap();
+    let creatives = vec!["a".to_string(), "b".to_string()];
+    let picks = model.select_batch(
+        &BatchSpec {
+            campaign: "feat",
+            creatives: &creatives,
+            exclude: &exclude,
+            size: 50,
+            seed: 1,
+        },
+        &pop,
+        32,
+    );
+    assert_eq!(picks.len(), 50);
+    let mut picked: Vec<usize> = picks
+        .iter()
+        .map(|(u, _)| u[1..].parse::<usize>().unwrap())
+        .collect();
+    picked.sort_unstable();
+    assert!(picked.iter().all(|i| *i >= 350), "{picked:?}");
     node.shutdown().await;
 }

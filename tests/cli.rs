@@ -198,3 +198,89 @@ fn bench_percolate_agrees_with_brute_force_and_prints_the_contracts_fields() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be > 0"));
 }
+
+#[test]
+fn bench_model_learns_and_prints_the_contracts_fields() {
+    let out = smartmsg()
+        .args(["bench", "model", "--seeds", "1,2"])
+        .output()
+        .unwrap();
+    let text = common::success_stdout(&out);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let seeds = v["seeds"].as_array().unwrap();
+    assert_eq!(seeds.len(), 2, "{v}");
+    for s in seeds {
+        assert!(s["seed"].is_u64(), "{s}");
+        let (vs_oracle, lift) = (
+            s["clicks_vs_oracle"].as_f64().unwrap(),
+            s["lift_share"].as_f64().unwrap(),
+        );
+        assert!(vs_oracle > 0.0 && vs_oracle <= 1.0, "{s}");
+        // Learning pays: better than random, and better than choosing the
+        // creative alone (users at random).
+        assert!(lift > 0.0, "{s}");
+        assert!(
+            lift > s["creative_only_lift_share"].as_f64().unwrap(),
+            "{s}"
+        );
+        let eff: Vec<f64> = s["batch_efficiency"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_f64().unwrap())
+            .collect();
+        assert_eq!(eff.len(), 12, "{s}");
+        // The last batches are spent better than the first (the prior's).
+        let late = eff[8..].iter().sum::<f64>() / 4.0;
+        assert!(late > eff[0], "{s}");
+    }
+    let out = smartmsg()
+        .args(["bench", "model", "--budget", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("budget"));
+}
+
+#[test]
+fn bench_targeting_picks_the_best_and_prints_the_contracts_fields() {
+    let out = smartmsg()
+        .args([
+            "bench",
+            "targeting",
+            "--users",
+            "50000",
+            "--batch",
+            "1000",
+            "--repeat",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let text = common::success_stdout(&out);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (
+            v["users"].as_u64(),
+            v["creatives"].as_u64(),
+            v["features"].as_u64()
+        ),
+        (Some(50000), Some(4), Some(16)),
+        "{v}"
+    );
+    for k in ["score_topk_ms", "thompson_ms"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+    // The chosen 2 % are far better than the average subscriber.
+    assert!(
+        v["chosen_best_rate"].as_f64().unwrap()
+            > v["population_best_rate"].as_f64().unwrap() + 0.01,
+        "{v}"
+    );
+    let out = smartmsg()
+        .args(["bench", "targeting", "--features", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be > 0"));
+}

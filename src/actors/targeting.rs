@@ -4,7 +4,7 @@
 //! answers batch selections: which subscribers, and which creative each.
 
 use crate::actors::{SharedCtx, POLL_WAIT};
-use crate::domain::model::{batch_seed, Model};
+use crate::domain::model::{batch_seed, BatchSpec, Model};
 use crate::io::TopicReader;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashSet;
@@ -126,18 +126,19 @@ impl Actor for TargetingModelActor {
             TargetingMsg::Select(req, reply) => {
                 let model = state.ctx.model.load_full();
                 let subscribers = state.ctx.subscribers.clone();
+                let max_features = state.ctx.cfg.model.max_features;
                 let sel = tokio::task::spawn_blocking(
                     move || -> Result<Selection, crate::io::IoError> {
-                        let users = subscribers.users(&req.channel_id)?;
+                        let pop = subscribers.population(&req.channel_id)?;
                         let seed = batch_seed(&req.campaign_id, req.batch, model.version);
-                        let pairs = model.select_batch(
-                            &req.campaign_id,
-                            &req.creatives,
-                            &users,
-                            &req.exclude,
-                            req.size as usize,
+                        let spec = BatchSpec {
+                            campaign: &req.campaign_id,
+                            creatives: &req.creatives,
+                            exclude: &req.exclude,
+                            size: req.size as usize,
                             seed,
-                        );
+                        };
+                        let pairs = model.select_batch(&spec, &pop, max_features);
                         Ok(Selection {
                             pairs,
                             model_version: model.version,

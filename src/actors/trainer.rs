@@ -114,6 +114,20 @@ fn absorb(
     let mut sends: BTreeMap<(String, String), SendRecord> = BTreeMap::new();
     let mut arms: BTreeMap<(String, String), Arm> = BTreeMap::new();
     let mut changed = false;
+    // The channel of each campaign (from the read model), and a
+    // subscriber's features: what the linear statistics count.
+    let mut channels: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut features = |campaign: &str, user: &str| -> Result<_, crate::io::IoError> {
+        if !channels.contains_key(campaign) {
+            let ch = ctx.read_model.campaign(campaign)?.map(|c| c.channel_id);
+            channels.insert(campaign.to_string(), ch);
+        }
+        match &channels[campaign] {
+            Some(ch) => ctx.subscribers.features(ch, user),
+            None => Ok(None),
+        }
+    };
+    let max_features = ctx.cfg.model.max_features;
     for r in records {
         // Invalid records are the aggregator's to dead-letter; the trainer skips them.
         let Ok(ev) = parse_reaction(r.value.as_deref()) else {
@@ -127,23 +141,27 @@ fn absorb(
         match ev.action {
             Action::Send if known.is_none() => {
                 let ak = (ev.campaign_id.clone(), ev.creative_id.clone());
-                let arm = match arms.get(&ak) {
-                    Some(a) => *a,
+                let mut arm = match arms.remove(&ak) {
+                    Some(a) => a,
                     None => store.arm(&ev.campaign_id, &ev.creative_id)?,
                 };
-                arms.insert(
-                    ak,
-                    Arm {
-                        sends: arm.sends + 1,
-                        ..arm
-                    },
-                );
+                arm.sends += 1;
+                let f = features(&ev.campaign_id, &ev.user_id)?;
+                if let Some(f) = &f {
+                    let left_out = arm.linear.add_send(f, max_features);
+                    if left_out > 0 {
+                        metrics::counter!("smartmsg_model_features_left_out_total")
+                            .increment(left_out as u64);
+                    }
+                }
+                arms.insert(ak, arm);
                 sends.insert(
                     key,
                     SendRecord {
                         creative_id: ev.creative_id.clone(),
                         ts: ev.ts,
                         clicked: false,
+                        featured: f.is_some(),
                     },
                 );
                 changed = true;
@@ -154,17 +172,18 @@ fn absorb(
                     if !s.clicked && (0..=window).contains(&dt) {
                         s.clicked = true;
                         let ak = (ev.campaign_id.clone(), s.creative_id.clone());
-                        let arm = match arms.get(&ak) {
-                            Some(a) => *a,
+                        let mut arm = match arms.remove(&ak) {
+                            Some(a) => a,
                             None => store.arm(&ev.campaign_id, &s.creative_id)?,
                         };
-                        arms.insert(
-                            ak,
-                            Arm {
-                                clicks: arm.clicks + 1,
-                                ..arm
-                            },
-                        );
+                        arm.clicks += 1;
+                        if s.featured {
+                            // The features as now (a subscriber removed
+                            // since counts as having none).
+                            let f = features(&ev.campaign_id, &ev.user_id)?.unwrap_or_default();
+                            arm.linear.add_click(&f);
+                        }
+                        arms.insert(ak, arm);
                         sends.insert(key, s);
                         changed = true;
                     }
@@ -179,7 +198,22 @@ fn absorb(
 
 impl TrainerState {
     async fn fit_and_publish(&mut self) -> Result<(), ActorProcessingErr> {
-        let arms = self.ctx.trainer_store.arms()?;
+        let mut arms = self.ctx.trainer_store.arms()?;
+        // A completed or cancelled campaign never selects again: the
+        // artifact carries the others (their feature statistics make it
+        // grow with every campaign), campaigns not in the read model yet
+        // included.
+        let mut finished = Vec::new();
+        for campaign in arms.keys() {
+            if let Some(c) = self.ctx.read_model.campaign(campaign)? {
+                if c.status.is_some_and(|s| s.is_terminal()) {
+                    finished.push(campaign.clone());
+                }
+            }
+        }
+        for campaign in finished {
+            arms.remove(&campaign);
+        }
         let model = Model::new(self.version + 1, self.ctx.clock.now_ms(), arms);
         if let Err(e) = model.validate() {
             tracing::error!(version = model.version, error = %e,

@@ -3,9 +3,11 @@
 
 pub mod aggregate;
 pub mod ingest;
+pub mod model;
 pub mod percolate;
 pub mod rebuild;
 pub mod synth;
+pub mod targeting;
 
 use crate::clock::{system_now_ms, SharedClock, SystemClock};
 use crate::io::amqp::{AmqpSettings, RabbitDelayQueue};
@@ -34,6 +36,12 @@ pub enum BenchCmd {
     /// Content classification on one core: the filter index against
     /// checking every filter (brute force), matches verified.
     Percolate(percolate::PercolateArgs),
+    /// The targeting model on simulated channels: expected clicks against
+    /// an oracle that knows the hidden click rates, and against random.
+    Model(model::ModelArgs),
+    /// One batch selection on a large channel: scoring and top-k, and the
+    /// creative draws, on one core.
+    Targeting(targeting::TargetingArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +78,8 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Aggregate(a) => aggregate::run(a).await,
         BenchCmd::Ingest(a) => ingest::run(a),
         BenchCmd::Percolate(a) => percolate::run(a),
+        BenchCmd::Model(a) => model::run(a),
+        BenchCmd::Targeting(a) => targeting::run(a),
         BenchCmd::Rebuild(a) => rebuild::run(a).await,
     }
 }

@@ -5,6 +5,7 @@
 pub mod campaign;
 pub mod changelog;
 pub mod filter;
+pub mod linear;
 pub mod model;
 pub mod partition;
 pub mod reaction;

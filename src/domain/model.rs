@@ -3,6 +3,7 @@
 //! users in a seeded random order. Versioned and checksummed so a corrupt or
 //! invalid artifact is refused. Pure: training input comes in as counts.
 
+use crate::domain::linear::{LinearStats, Population, Posterior};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -11,10 +12,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 
 /// Evidence for one creative: sends and the clicks attributed to them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Arm {
     pub sends: u64,
     pub clicks: u64,
+    /// The same sends (those whose subscriber's features were known) over
+    /// the subscribers' features, for user targeting.
+    #[serde(default, skip_serializing_if = "LinearStats::is_empty")]
+    pub linear: LinearStats,
 }
 
 impl Arm {
@@ -131,6 +136,14 @@ impl Model {
             },
         );
         metrics.insert("campaigns".to_string(), arms.len() as f64);
+        // Sends whose subscriber's features were known: what user
+        // targeting learns from.
+        let featured: f64 = arms
+            .values()
+            .flat_map(|m| m.values())
+            .map(|a| a.linear.sends())
+            .sum();
+        metrics.insert("featured_examples".to_string(), featured);
         let mut m = Model {
             version,
             trained_at,
@@ -188,6 +201,9 @@ impl Model {
                         "{campaign}/{creative}: more clicks than sends"
                     )));
                 }
+                a.linear
+                    .check(a.sends)
+                    .map_err(|e| ModelError::Invalid(format!("{campaign}/{creative}: {e}")))?;
             }
         }
         if self.metrics.values().any(|v| !v.is_finite()) {
@@ -211,30 +227,73 @@ impl Model {
         self.arms
             .get(campaign)
             .and_then(|m| m.get(creative))
-            .copied()
+            .cloned()
             .unwrap_or_default()
     }
 
-    /// Pick up to `n` users of `candidates` not in `exclude`, each with a
-    /// creative drawn by Thompson sampling. Deterministic in `seed`, so a
-    /// re-executed batch makes the same choices.
-    pub fn select_batch(
+    /// The campaign's linear model over subscriber features, its creatives
+    /// in the order given; `None` while none of its sends had features.
+    pub fn posterior(
         &self,
         campaign: &str,
         creatives: &[String],
-        candidates: &[String],
-        exclude: &HashSet<String>,
-        n: usize,
-        seed: u64,
-    ) -> Vec<(String, String)> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut order: Vec<&String> = candidates
+        max_features: usize,
+    ) -> Option<Posterior> {
+        let empty = LinearStats::default();
+        let arms = self.arms.get(campaign);
+        let stats: Vec<&LinearStats> = creatives
             .iter()
-            .filter(|u| !exclude.contains(*u))
+            .map(|c| arms.and_then(|a| a.get(c)).map_or(&empty, |a| &a.linear))
             .collect();
-        order.sort();
+        Posterior::fit(&stats, max_features)
+    }
+
+    /// Pick up to `b.size` subscribers of `pop` not in `b.exclude`, each
+    /// with a creative. With features learnt for the campaign: the best by
+    /// the linear model's expected click rate (user targeting), each with
+    /// the creative of its own posterior draw (linear Thompson sampling).
+    /// Without: in a random order, each creative by Thompson sampling of
+    /// its click rate. Deterministic in `b.seed`, so a re-executed batch
+    /// makes the same choices.
+    pub fn select_batch(
+        &self,
+        b: &BatchSpec<'_>,
+        pop: &Population,
+        max_features: usize,
+    ) -> Vec<(String, String)> {
+        let BatchSpec {
+            campaign,
+            creatives,
+            exclude,
+            size: n,
+            seed,
+        } = *b;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // The population's rows are sorted by id; a random order of them
+        // breaks ties (and is the order without features).
+        let rows: Vec<u32> = (0..pop.len() as u32)
+            .filter(|&r| exclude.is_empty() || !exclude.contains(&pop.ids[r as usize]))
+            .collect();
+        let mut order: Vec<u32> = (0..rows.len() as u32).collect();
         order.shuffle(&mut rng);
+        if creatives.is_empty() {
+            return Vec::new();
+        }
+        if let Some(post) = self.posterior(campaign, creatives, max_features) {
+            let mut rank = vec![0u32; rows.len()];
+            for (i, &pos) in order.iter().enumerate() {
+                rank[pos as usize] = i as u32;
+            }
+            let rows = post.score_topk(pop, &rows, &rank, n);
+            let picks = post.assign(pop, &rows, &mut rng);
+            return rows
+                .into_iter()
+                .zip(picks)
+                .map(|(r, c)| (pop.ids[r as usize].clone(), creatives[c].clone()))
+                .collect();
+        }
         order.truncate(n);
+        let order: Vec<u32> = order.into_iter().map(|pos| rows[pos as usize]).collect();
         let betas: Vec<Beta<f64>> = creatives
             .iter()
             .map(|c| {
@@ -245,7 +304,7 @@ impl Model {
             .collect();
         order
             .into_iter()
-            .map(|u| {
+            .map(|r| {
                 let mut best = 0;
                 let mut best_v = f64::MIN;
                 for (i, b) in betas.iter().enumerate() {
@@ -255,10 +314,21 @@ impl Model {
                         best = i;
                     }
                 }
-                (u.clone(), creatives[best].clone())
+                (pop.ids[r as usize].clone(), creatives[best].clone())
             })
             .collect()
     }
+}
+
+/// What a batch selection is for: a campaign's creatives, the subscribers
+/// it has messaged already, how many to pick, and the batch's seed.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSpec<'a> {
+    pub campaign: &'a str,
+    pub creatives: &'a [String],
+    pub exclude: &'a HashSet<String>,
+    pub size: usize,
+    pub seed: u64,
 }
 
 /// Seed of a batch's random choices: campaign, batch and model version.
@@ -282,7 +352,13 @@ mod tests {
         let mut arms = BTreeMap::new();
         arms.entry("c".to_string())
             .or_insert_with(BTreeMap::new)
-            .insert("a".to_string(), Arm { sends, clicks: 0 });
+            .insert(
+                "a".to_string(),
+                Arm {
+                    sends,
+                    ..Default::default()
+                },
+            );
         Model::new(version, version as i64, arms)
     }
 
@@ -342,6 +418,7 @@ mod tests {
                 Arm {
                     sends: 10,
                     clicks: 2,
+                    ..Default::default()
                 },
             );
         let m = Model::new(1, 5, arms);
@@ -359,6 +436,7 @@ mod tests {
                 Arm {
                     sends: 1,
                     clicks: 2,
+                    ..Default::default()
                 },
             );
         assert!(matches!(
@@ -376,6 +454,7 @@ mod tests {
             Arm {
                 sends: 1000,
                 clicks: 300,
+                ..Default::default()
             },
         );
         c.insert(
@@ -383,20 +462,54 @@ mod tests {
             Arm {
                 sends: 1000,
                 clicks: 10,
+                ..Default::default()
             },
         );
         let m = Model::new(1, 0, arms);
         let creatives = vec!["good".to_string(), "bad".to_string()];
         let all = users(500);
+        let pop = |ids: &[String]| {
+            Population::from_rows(ids.iter().map(|u| (u.clone(), BTreeMap::new())).collect())
+        };
         let exclude: HashSet<String> = all[..100].iter().cloned().collect();
-        let s1 = m.select_batch("c", &creatives, &all, &exclude, 200, 42);
-        let s2 = m.select_batch("c", &creatives, &all, &exclude, 200, 42);
+        let s1 = m.select_batch(
+            &BatchSpec {
+                campaign: "c",
+                creatives: &creatives,
+                exclude: &exclude,
+                size: 200,
+                seed: 42,
+            },
+            &pop(&all),
+            8,
+        );
+        let s2 = m.select_batch(
+            &BatchSpec {
+                campaign: "c",
+                creatives: &creatives,
+                exclude: &exclude,
+                size: 200,
+                seed: 42,
+            },
+            &pop(&all),
+            8,
+        );
         assert_eq!(s1, s2);
         assert_eq!(s1.len(), 200);
         assert!(s1.iter().all(|(u, _)| !exclude.contains(u)));
         let good = s1.iter().filter(|(_, c)| c == "good").count();
         assert!(good > 190, "{good}");
-        let fewer = m.select_batch("c", &creatives, &all[..150], &exclude, 200, 1);
+        let fewer = m.select_batch(
+            &BatchSpec {
+                campaign: "c",
+                creatives: &creatives,
+                exclude: &exclude,
+                size: 200,
+                seed: 1,
+            },
+            &pop(&all[..150]),
+            8,
+        );
         assert_eq!(fewer.len(), 50);
     }
 }

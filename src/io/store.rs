@@ -5,6 +5,7 @@
 
 use crate::domain::campaign::{CampaignState, Event, EventBody};
 use crate::domain::changelog::Parts;
+use crate::domain::linear::Population;
 use crate::domain::model::Arm;
 use crate::domain::window::{FinalWindow, PartChange, PartKey, WindowMeta};
 use crate::io::IoError;
@@ -297,6 +298,31 @@ impl SubscriberStore {
         Ok(out)
     }
 
+    /// Users of a channel with their features, as a dense table (ids
+    /// sorted). A stored value that does not parse counts as no features.
+    pub fn population(&self, channel: &str) -> Result<Population, IoError> {
+        let prefix = sub_key(channel, "");
+        let mut rows = Vec::new();
+        for item in self.tree.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let user = String::from_utf8_lossy(&k[prefix.len()..]).to_string();
+            rows.push((user, serde_json::from_slice(&v).unwrap_or_default()));
+        }
+        Ok(Population::from_rows(rows))
+    }
+
+    /// One subscriber's features, if it is known.
+    pub fn features(
+        &self,
+        channel: &str,
+        user: &str,
+    ) -> Result<Option<BTreeMap<String, f64>>, IoError> {
+        match self.tree.get(sub_key(channel, user))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(serde_json::from_slice(&v).unwrap_or_default())),
+        }
+    }
+
     pub fn count(&self, channel: &str) -> usize {
         self.tree.scan_prefix(sub_key(channel, "")).count()
     }
@@ -359,6 +385,10 @@ pub struct SendRecord {
     pub creative_id: String,
     pub ts: i64,
     pub clicked: bool,
+    /// Counted in the creative's linear statistics (its subscriber's
+    /// features were known): so is a click on it then.
+    #[serde(default)]
+    pub featured: bool,
 }
 
 /// The trainer's evidence: sends per (campaign, user) and arms per creative.
