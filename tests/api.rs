@@ -1020,3 +1020,55 @@ async fn the_trainer_learns_from_subscriber_features() {
     assert!(picked.iter().all(|i| *i >= 350), "{picked:?}");
     node.shutdown().await;
 }
+
+/// A batch chooses from the subscribers as they are when it runs: the
+/// targeting actor keeps the last channel's table between batches, and a
+/// change to the subscribers makes it read the table again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_added_between_batches_are_chosen() {
+    let (node, base, _dir) = start("api-newsubs", |_| {}).await;
+    let c = client();
+    let put = |from: usize, to: usize| {
+        let body: String = (from..to)
+            .map(|i| format!("{{\"user_id\":\"n{i}\",\"features\":{{}}}}\n"))
+            .collect();
+        c.put(format!("{base}/v1/channels/chn/subscribers"))
+            .body(body)
+            .send()
+    };
+    assert_eq!(put(0, 5).await.unwrap().status(), 202);
+    let ctx = node.ctx.clone();
+    eventually("5 subscribers", Duration::from_secs(10), || async {
+        (ctx.subscribers.count("chn") == 5).then_some(())
+    })
+    .await;
+    // Two batches, 3 s apart, 5 messages each.
+    let start = now_ms() + 1_500;
+    let body = json!({"campaign_id": "grow", "channel_id": "chn",
+        "creatives": [{"creative_id": "a", "text": "A"}], "budget": 10,
+        "start_at": start, "end_at": start + 6_000, "batch_interval_secs": 3});
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let url = format!("{base}/v1/campaigns/grow");
+    eventually("the first batch", Duration::from_secs(10), || async {
+        let (_, v) = status_of(&c, &url).await;
+        (v["batches_done"] == 1).then_some(())
+    })
+    .await;
+    let (_, v) = status_of(&c, &url).await;
+    assert_eq!(v["messages_sent"], 5, "{v}");
+    // Five more before the second batch: it messages them.
+    assert_eq!(put(5, 10).await.unwrap().status(), 202);
+    let v = eventually("completed", Duration::from_secs(15), || async {
+        let (_, v) = status_of(&c, &url).await;
+        (v["status"] == "completed").then_some(v)
+    })
+    .await;
+    assert_eq!(v["messages_sent"], 10, "{v}");
+    node.shutdown().await;
+}

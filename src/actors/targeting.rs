@@ -4,6 +4,7 @@
 //! answers batch selections: which subscribers, and which creative each.
 
 use crate::actors::{SharedCtx, POLL_WAIT};
+use crate::domain::linear::Population;
 use crate::domain::model::{batch_seed, BatchSpec, Model};
 use crate::io::TopicReader;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -56,6 +57,18 @@ pub enum TargetingMsg {
 pub struct TargetingState {
     ctx: SharedCtx,
     reader: Box<dyn TopicReader>,
+    /// The last channel's population, with the subscribers table's
+    /// generation it was read at: the batches of a campaign (and the
+    /// campaigns of a channel) reuse it until a subscriber changes.
+    /// Reading a channel of 1M subscribers takes seconds (BENCHMARKS.md).
+    population: Option<CachedPopulation>,
+}
+
+#[derive(Clone)]
+struct CachedPopulation {
+    channel: String,
+    generation: u64,
+    pop: Arc<Population>,
 }
 
 /// Offer a model: swapped in when valid and newer, refused otherwise.
@@ -113,7 +126,11 @@ impl Actor for TargetingModelActor {
         }
         metrics::gauge!("smartmsg_model_version").set(ctx.model.load().version as f64);
         myself.send_message(TargetingMsg::PollModels)?;
-        Ok(TargetingState { ctx, reader })
+        Ok(TargetingState {
+            ctx,
+            reader,
+            population: None,
+        })
     }
 
     async fn handle(
@@ -127,9 +144,23 @@ impl Actor for TargetingModelActor {
                 let model = state.ctx.model.load_full();
                 let subscribers = state.ctx.subscribers.clone();
                 let max_features = state.ctx.cfg.model.max_features;
-                let sel = tokio::task::spawn_blocking(
-                    move || -> Result<Selection, crate::io::IoError> {
-                        let pop = subscribers.population(&req.channel_id)?;
+                let cached = state.population.clone();
+                let (sel, cache) = tokio::task::spawn_blocking(
+                    move || -> Result<(Selection, CachedPopulation), crate::io::IoError> {
+                        let generation = subscribers.generation();
+                        let cache = match cached {
+                            Some(c)
+                                if c.channel == req.channel_id && c.generation == generation =>
+                            {
+                                c
+                            }
+                            _ => CachedPopulation {
+                                channel: req.channel_id.clone(),
+                                generation,
+                                pop: Arc::new(subscribers.population(&req.channel_id)?),
+                            },
+                        };
+                        let pop = &cache.pop;
                         let seed = batch_seed(&req.campaign_id, req.batch, model.version);
                         let spec = BatchSpec {
                             campaign: &req.campaign_id,
@@ -138,14 +169,16 @@ impl Actor for TargetingModelActor {
                             size: req.size as usize,
                             seed,
                         };
-                        let pairs = model.select_batch(&spec, &pop, max_features);
-                        Ok(Selection {
+                        let pairs = model.select_batch(&spec, pop, max_features);
+                        let sel = Selection {
                             pairs,
                             model_version: model.version,
-                        })
+                        };
+                        Ok((sel, cache))
                     },
                 )
                 .await??;
+                state.population = Some(cache);
                 let _ = reply.send(sel);
             }
             TargetingMsg::PollModels => {

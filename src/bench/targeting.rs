@@ -38,6 +38,10 @@ pub struct TargetingArgs {
     pub repeat: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Also store the population in a (temporary) sled subscribers table
+    /// and time reading it back as a selection does (`load_ms`).
+    #[arg(long)]
+    pub from_sled: bool,
 }
 
 /// The median of durations in seconds, in milliseconds (three decimals).
@@ -120,6 +124,11 @@ pub fn run(a: TargetingArgs) -> anyhow::Result<()> {
     let chosen_rate =
         chosen.iter().map(|&r| best(r as usize)).sum::<f64>() / chosen.len().max(1) as f64;
     let all_rate = (0..a.users).map(best).sum::<f64>() / a.users as f64;
+    let load_ms = if a.from_sled {
+        Some(load_from_sled(&pop)?)
+    } else {
+        None
+    };
     let result = json!({
         "users": a.users,
         "creatives": a.creatives,
@@ -130,8 +139,52 @@ pub fn run(a: TargetingArgs) -> anyhow::Result<()> {
         "select_batch_ms": median_ms(select_s),
         "chosen_best_rate": (chosen_rate * 10_000.0).round() / 10_000.0,
         "population_best_rate": (all_rate * 10_000.0).round() / 10_000.0,
+        "load_ms": load_ms,
         "peak_rss_bytes": super::aggregate::peak_rss_bytes(std::process::id()),
     });
     println!("{result}");
     Ok(())
+}
+
+/// Store `pop` as the subscribers of a channel in a temporary sled table
+/// and time `SubscriberStore::population` (the median of three reads),
+/// checking it reads back what was stored.
+fn load_from_sled(pop: &Population) -> anyhow::Result<f64> {
+    use crate::io::store::{Subscriber, SubscriberStore};
+    let db = sled::Config::new().temporary(true).open()?;
+    let store = SubscriberStore::open(&db)?;
+    let w = pop.names.len();
+    for (chunk, ids) in pop.ids.chunks(10_000).enumerate() {
+        let changes: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let row = chunk * 10_000 + i;
+                let features = pop
+                    .names
+                    .iter()
+                    .zip(&pop.x[row * w..(row + 1) * w])
+                    .map(|(n, v)| (n.clone(), *v as f64))
+                    .collect();
+                let sub = Subscriber {
+                    channel_id: "bench".into(),
+                    user_id: id.clone(),
+                    features,
+                };
+                ("bench".to_string(), id.clone(), Some(sub))
+            })
+            .collect();
+        store.apply("bench-subscribers", 0, &changes, chunk as u64)?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let back = store.population("bench")?;
+        times.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            back.ids == pop.ids && back.names == pop.names && back.x == pop.x,
+            "the population read back differs from the one stored"
+        );
+    }
+    Ok(median_ms(times))
 }

@@ -10,7 +10,7 @@ use crate::domain::model::Arm;
 use crate::domain::window::{FinalWindow, PartChange, PartKey, WindowMeta};
 use crate::io::IoError;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Whether opening sled failed only because its directory lock is held.
 pub fn is_lock_held(e: &sled::Error) -> bool {
@@ -237,6 +237,10 @@ impl ReadModelStore {
 #[derive(Clone)]
 pub struct SubscriberStore {
     tree: sled::Tree,
+    /// Counts the changes applied (by any handle of this store): a copy
+    /// of a channel's population taken at generation g is current while
+    /// the generation is still g.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A subscriber and its numeric features.
@@ -260,6 +264,7 @@ impl SubscriberStore {
     pub fn open(db: &sled::Db) -> Result<Self, IoError> {
         Ok(SubscriberStore {
             tree: db.open_tree("subscribers")?,
+            generation: Default::default(),
         })
     }
 
@@ -284,7 +289,16 @@ impl SubscriberStore {
         }
         batch.insert(offset_key(topic, partition), &next_offset.to_be_bytes()[..]);
         self.tree.apply_batch(batch)?;
+        if !changes.is_empty() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(())
+    }
+
+    /// See `generation`: read it before reading the table.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Users of a channel, sorted.
@@ -300,15 +314,52 @@ impl SubscriberStore {
 
     /// Users of a channel with their features, as a dense table (ids
     /// sorted). A stored value that does not parse counts as no features.
+    /// One pass, no map kept per subscriber: the features go to flat
+    /// (column, value) lists first, then to the table once every column
+    /// is known.
     pub fn population(&self, channel: &str) -> Result<Population, IoError> {
         let prefix = sub_key(channel, "");
-        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        let mut columns: HashMap<String, u32> = HashMap::new();
+        let (mut cols, mut vals, mut ends): (Vec<u32>, Vec<f32>, Vec<usize>) =
+            (Vec::new(), Vec::new(), Vec::new());
         for item in self.tree.scan_prefix(&prefix) {
             let (k, v) = item?;
-            let user = String::from_utf8_lossy(&k[prefix.len()..]).to_string();
-            rows.push((user, serde_json::from_slice(&v).unwrap_or_default()));
+            ids.push(String::from_utf8_lossy(&k[prefix.len()..]).to_string());
+            let features: HashMap<std::borrow::Cow<'_, str>, f64> =
+                serde_json::from_slice(&v).unwrap_or_default();
+            for (name, x) in features {
+                let next = columns.len() as u32;
+                let c = match columns.get(name.as_ref()) {
+                    Some(c) => *c,
+                    None => *columns.entry(name.into_owned()).or_insert(next),
+                };
+                cols.push(c);
+                vals.push(x as f32);
+            }
+            ends.push(cols.len());
         }
-        Ok(Population::from_rows(rows))
+        // Columns in name order.
+        let mut names: Vec<(String, u32)> = columns.into_iter().collect();
+        names.sort_unstable();
+        let mut to_sorted = vec![0usize; names.len()];
+        for (i, (_, c)) in names.iter().enumerate() {
+            to_sorted[*c as usize] = i;
+        }
+        let w = names.len();
+        let mut x = vec![0f32; ids.len() * w];
+        let mut start = 0;
+        for (row, end) in ends.into_iter().enumerate() {
+            for i in start..end {
+                x[row * w + to_sorted[cols[i] as usize]] = vals[i];
+            }
+            start = end;
+        }
+        Ok(Population {
+            ids,
+            names: names.into_iter().map(|(n, _)| n).collect(),
+            x,
+        })
     }
 
     /// One subscriber's features, if it is known.
@@ -542,6 +593,49 @@ mod tests {
     use super::*;
     use crate::domain::campaign::{Creative, EventBody};
     use std::time::Duration;
+
+    #[test]
+    fn a_channels_population_is_a_dense_table_and_changes_bump_the_generation() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let s = SubscriberStore::open(&db).unwrap();
+        let handle = s.clone();
+        let sub = |ch: &str, u: &str, f: &[(&str, f64)]| {
+            let features = f.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            let s = Subscriber {
+                channel_id: ch.into(),
+                user_id: u.into(),
+                features,
+            };
+            (ch.to_string(), u.to_string(), Some(s))
+        };
+        let g0 = s.generation();
+        s.apply(
+            "t",
+            0,
+            &[
+                sub("c", "u2", &[("b", 2.0)]),
+                sub("c", "u1", &[("z", 1.0), ("a", 3.0)]),
+                sub("other", "u9", &[("q", 1.0)]),
+            ],
+            1,
+        )
+        .unwrap();
+        // Any handle sees a change.
+        assert!(handle.generation() > g0);
+        // An unreadable value counts as no features.
+        s.tree.insert(sub_key("c", "u3"), &b"not json"[..]).unwrap();
+        let p = handle.population("c").unwrap();
+        assert_eq!(p.ids, vec!["u1", "u2", "u3"]);
+        assert_eq!(p.names, vec!["a", "b", "z"]);
+        assert_eq!(p.x, vec![3.0, 0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+        let g1 = s.generation();
+        s.apply("t", 0, &[], 2).unwrap();
+        assert_eq!(s.generation(), g1, "no change, same generation");
+        s.apply("t", 0, &[("c".into(), "u1".into(), None)], 3)
+            .unwrap();
+        assert!(s.generation() > g1);
+        assert_eq!(s.population("c").unwrap().ids, vec!["u2", "u3"]);
+    }
 
     #[test]
     fn aggregator_state_round_trips_its_parts() {
