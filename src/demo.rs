@@ -77,27 +77,45 @@ fn creative_index(id: &str) -> usize {
 }
 
 #[derive(Default)]
-struct SimStats {
-    sends: u64,
-    impressions: u64,
-    clicks: u64,
-    expected_clicks: f64,
+pub struct SimStats {
+    pub sends: u64,
+    pub impressions: u64,
+    pub clicks: u64,
+    pub expected_clicks: f64,
     clicks_by_batch: BTreeMap<u64, u64>,
     sends_by_batch: BTreeMap<u64, u64>,
     pending: usize,
 }
 
+/// Who the simulated subscribers are and how they react.
+pub struct SimWorld {
+    /// Only this campaign's messages get reactions.
+    pub campaign_id: String,
+    pub features: Arc<HashMap<String, [f64; 3]>>,
+    pub seed: u64,
+    /// A seen message is seen this many ms after its send (uniform, ms).
+    pub impression_delay: std::ops::Range<i64>,
+    /// A click comes this many ms after the impression.
+    pub click_delay: std::ops::Range<i64>,
+}
+
 /// Reads outbound messages and emits send / impression / click reactions at
-/// their (simulated) event times.
-async fn simulate(
+/// their (simulated) event times, until `stop` and nothing is pending.
+pub async fn simulate(
     log: SharedLog,
     clock: SharedClock,
     topics: crate::io::topics::Topics,
-    features: Arc<HashMap<String, [f64; 3]>>,
-    seed: u64,
+    world: SimWorld,
     stats: Arc<Mutex<SimStats>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let SimWorld {
+        campaign_id,
+        features,
+        seed,
+        impression_delay,
+        click_delay,
+    } = world;
     let mut readers: Vec<_> = (0..topics.partitions)
         .map(|p| log.reader(&topics.outbound, p, 0))
         .collect();
@@ -116,6 +134,9 @@ async fn simulate(
                 let user = v["user_id"].as_str().unwrap_or_default().to_string();
                 let creative = v["creative_id"].as_str().unwrap_or_default().to_string();
                 let campaign = v["campaign_id"].as_str().unwrap_or_default().to_string();
+                if campaign != campaign_id {
+                    continue;
+                }
                 let batch = v["batch"].as_u64().unwrap_or(0);
                 let ts = v["ts"].as_i64().unwrap_or(0);
                 let f = features.get(&user).copied().unwrap_or([0.5; 3]);
@@ -139,11 +160,15 @@ async fn simulate(
                 st.expected_clicks += IMPRESSION_P * p;
                 *st.sends_by_batch.entry(batch).or_default() += 1;
                 if rng.gen::<f64>() < IMPRESSION_P {
-                    let seen = ts + rng.gen_range(1_000..30_000);
+                    let seen = ts + rng.gen_range(impression_delay.clone());
                     push("impression", seen, &mut heap);
                     st.impressions += 1;
                     if rng.gen::<f64>() < p {
-                        push("click", seen + rng.gen_range(1_000..60_000), &mut heap);
+                        push(
+                            "click",
+                            seen + rng.gen_range(click_delay.clone()),
+                            &mut heap,
+                        );
                         st.clicks += 1;
                         *st.clicks_by_batch.entry(batch).or_default() += 1;
                     }
@@ -179,7 +204,7 @@ async fn simulate(
 }
 
 /// Clicks the same budget would have earned with random users and creatives.
-fn random_baseline(world: &World, budget: u64, seed: u64) -> (u64, f64) {
+pub fn random_baseline(world: &World, budget: u64, seed: u64) -> (u64, f64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let mut idx: Vec<usize> = (0..world.users.len()).collect();
     rand::seq::SliceRandom::shuffle(&mut idx[..], &mut rng);
@@ -296,8 +321,13 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         ctx.log.clone(),
         clock.clone(),
         ctx.topics.clone(),
-        features,
-        args.seed,
+        SimWorld {
+            campaign_id: "demo-campaign".into(),
+            features,
+            seed: args.seed,
+            impression_delay: 1_000..30_000,
+            click_delay: 1_000..60_000,
+        },
         stats.clone(),
         stop_rx,
     ));

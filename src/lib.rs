@@ -10,4 +10,5 @@ pub mod domain;
 pub mod io;
 pub mod logging;
 pub mod node;
+pub mod simulate;
 pub mod supervision;

@@ -54,6 +54,10 @@ enum Cmd {
     },
     /// A complete simulated campaign on the embedded backends, ending with a report.
     Demo(smartmsg::demo::DemoArgs),
+    /// The demo's subscriber world against a running cluster: registers
+    /// subscribers and a campaign through a node's API, reacts to its
+    /// messages through Kafka, and reports (JSON on the last line).
+    Simulate(smartmsg::simulate::SimulateArgs),
     /// Benchmarks against the real services (JSON on the last line).
     Bench {
         #[command(subcommand)]
@@ -120,6 +124,9 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { which } => {
             tokio::runtime::Runtime::new()?.block_on(smartmsg::bench::run(which))
+        }
+        Cmd::Simulate(args) => {
+            tokio::runtime::Runtime::new()?.block_on(smartmsg::simulate::run(args))
         }
         Cmd::Demo(args) => {
             let cfg = load(None);
