@@ -712,11 +712,21 @@ pub struct TxnCoordinator {
 }
 
 impl TxnCoordinator {
+    /// `group`: the consumer group whose offsets its transactions commit
+    /// (a group's writer); without, a standalone writer (the trainer's),
+    /// whose records (model artifacts) may be up to `MODEL_MAX_BYTES`
+    /// (the models topic takes as much). Group writers keep librdkafka's
+    /// default request size.
     fn start(
         s: &KafkaSettings,
         transactional_id: &str,
         group: Option<GroupMetadataFn>,
     ) -> Result<Self, IoError> {
+        let max_request_bytes: u32 = if group.is_some() {
+            1_000_000
+        } else {
+            crate::io::MODEL_MAX_BYTES
+        };
         let producer: BaseProducer<DeliveryContext> = s
             .client()
             .set("transactional.id", transactional_id)
@@ -727,9 +737,7 @@ impl TxnCoordinator {
             .set("compression.type", s.compression.as_str())
             .set("transaction.timeout.ms", "10000")
             .set("message.timeout.ms", "9000")
-            // Room for a model artifact (the topic takes as much); the
-            // batches themselves stay bounded by `batch.size`.
-            .set("message.max.bytes", crate::io::MODEL_MAX_BYTES.to_string())
+            .set("message.max.bytes", max_request_bytes.to_string())
             .create_with_context(DeliveryContext {
                 results: Mutex::new(Vec::new()),
                 reported: Default::default(),
