@@ -203,6 +203,14 @@ pub async fn simulate(
     }
 }
 
+/// The sum of a report's per-creative `k` ("sends", "impressions", ...).
+pub fn report_total(report: &Value, k: &str) -> u64 {
+    report["creatives"]
+        .as_array()
+        .map(|a| a.iter().map(|c| c[k].as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0)
+}
+
 /// Clicks the same budget would have earned with random users and creatives.
 pub fn random_baseline(world: &World, budget: u64, seed: u64) -> (u64, f64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
@@ -374,12 +382,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
             .campaign("demo-campaign")?
             .expect("campaign exists");
         let report = crate::io::http::report_json(&ctx, &c)?;
-        let sum = |k: &str| -> u64 {
-            report["creatives"]
-                .as_array()
-                .map(|a| a.iter().map(|c| c[k].as_u64().unwrap_or(0)).sum())
-                .unwrap_or(0)
-        };
+        let sum = |k: &str| report_total(&report, k);
         if sum("impressions") == want_imp && sum("clicks") == want_clicks {
             break report;
         }

@@ -10,7 +10,7 @@
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{BackendKind, Config};
-use crate::demo::{random_baseline, simulate, SimStats, SimWorld, World, CREATIVES};
+use crate::demo::{random_baseline, report_total, simulate, SimStats, SimWorld, World, CREATIVES};
 use crate::io::kafka::{KafkaLog, KafkaSettings};
 use crate::io::topics::Topics;
 use crate::io::SharedLog;
@@ -239,12 +239,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     );
     let report = loop {
         let report = api.get(&format!("/v1/campaigns/{campaign}/report")).await?;
-        let sum = |k: &str| -> u64 {
-            report["creatives"]
-                .as_array()
-                .map(|a| a.iter().map(|c| c[k].as_u64().unwrap_or(0)).sum())
-                .unwrap_or(0)
-        };
+        let sum = |k: &str| report_total(&report, k);
         if sum("impressions") == impressions && sum("clicks") == clicks {
             break report;
         }

@@ -472,44 +472,24 @@ mod tests {
             Population::from_rows(ids.iter().map(|u| (u.clone(), BTreeMap::new())).collect())
         };
         let exclude: HashSet<String> = all[..100].iter().cloned().collect();
-        let s1 = m.select_batch(
-            &BatchSpec {
+        let select = |ids: &[String], seed: u64| {
+            let spec = BatchSpec {
                 campaign: "c",
                 creatives: &creatives,
                 exclude: &exclude,
                 size: 200,
-                seed: 42,
-            },
-            &pop(&all),
-            8,
-        );
-        let s2 = m.select_batch(
-            &BatchSpec {
-                campaign: "c",
-                creatives: &creatives,
-                exclude: &exclude,
-                size: 200,
-                seed: 42,
-            },
-            &pop(&all),
-            8,
-        );
+                seed,
+            };
+            m.select_batch(&spec, &pop(ids), 8)
+        };
+        let s1 = select(&all, 42);
+        let s2 = select(&all, 42);
         assert_eq!(s1, s2);
         assert_eq!(s1.len(), 200);
         assert!(s1.iter().all(|(u, _)| !exclude.contains(u)));
         let good = s1.iter().filter(|(_, c)| c == "good").count();
         assert!(good > 190, "{good}");
-        let fewer = m.select_batch(
-            &BatchSpec {
-                campaign: "c",
-                creatives: &creatives,
-                exclude: &exclude,
-                size: 200,
-                seed: 1,
-            },
-            &pop(&all[..150]),
-            8,
-        );
+        let fewer = select(&all[..150], 1);
         assert_eq!(fewer.len(), 50);
     }
 }
