@@ -43,18 +43,8 @@ impl Node {
         self.child = Some(child);
     }
     fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            for _ in 0..400 {
-                if c.try_wait().unwrap().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            common::terminate(c);
         }
     }
 }

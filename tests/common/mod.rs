@@ -163,3 +163,19 @@ pub async fn first_assignment(member: &dyn smartmsg::io::GroupMember) -> Vec<u32
     parts.sort();
     parts
 }
+
+/// SIGTERM a daemon and wait up to 20 s for it to drain and exit; SIGKILL
+/// after that.
+pub fn terminate(mut c: std::process::Child) {
+    unsafe {
+        libc::kill(c.id() as i32, libc::SIGTERM);
+    }
+    for _ in 0..400 {
+        if c.try_wait().unwrap().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
