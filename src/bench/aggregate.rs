@@ -7,6 +7,7 @@
 //! topics each) give the medians. Then the last pass's aggregator restarts
 //! with intact local state, and rebuilds from the changelog without it.
 
+use super::median;
 use super::synth::{generate, Expected, SynthSpec};
 use crate::config::Config;
 use crate::domain::window::FinalWindow;
@@ -920,13 +921,6 @@ async fn measure_pass(a: &AggregateArgs, dir: &Path, n: u32) -> anyhow::Result<P
         changelog,
         detail,
     })
-}
-
-/// The middle value (the upper one of an even count), as the other
-/// benches' percentiles.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    super::percentile(&v, 0.5)
 }
 
 pub async fn run(a: AggregateArgs) -> anyhow::Result<()> {

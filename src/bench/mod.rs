@@ -84,6 +84,12 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     }
 }
 
+/// The middle value (the upper one of an even count), as the percentiles.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;

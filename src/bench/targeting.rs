@@ -45,9 +45,8 @@ pub struct TargetingArgs {
 }
 
 /// The median of durations in seconds, in milliseconds (three decimals).
-fn median_ms(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2] * 1e6).round() / 1000.0
+fn median_ms(v: Vec<f64>) -> f64 {
+    (super::median(v) * 1e6).round() / 1000.0
 }
 
 pub fn run(a: TargetingArgs) -> anyhow::Result<()> {

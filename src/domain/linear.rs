@@ -392,20 +392,6 @@ impl Posterior {
         self.names.len() + 1
     }
 
-    /// Weights of creative `c`: a posterior draw, or its mean without `rng`.
-    fn weights(&self, c: usize, rng: Option<&mut dyn rand::RngCore>) -> Vec<f64> {
-        let arm = &self.arms[c];
-        let d = self.dim();
-        match rng {
-            None => arm.mu.clone(),
-            Some(rng) => {
-                let xi: Vec<f64> = (0..d).map(|_| rng.sample(StandardNormal)).collect();
-                let dev = backward(&arm.l, d, &xi);
-                arm.mu.iter().zip(dev).map(|(m, e)| m + arm.v * e).collect()
-            }
-        }
-    }
-
     /// Standardised weights as weights over `pop`'s columns.
     fn raw(&self, w: &[f64], cols: &[Option<usize>], width: usize) -> RawWeights {
         let mut out = RawWeights {
@@ -434,7 +420,7 @@ impl Posterior {
     /// posterior mean.
     pub fn predict(&self, pop: &Population, row: usize, c: usize) -> f64 {
         let cols = self.columns(pop);
-        self.raw(&self.weights(c, None), &cols, pop.names.len())
+        self.raw(&self.arms[c].mu, &cols, pop.names.len())
             .score(pop.row(row))
     }
 
@@ -456,7 +442,7 @@ impl Posterior {
     ) -> Vec<u32> {
         let cols = self.columns(pop);
         let means: Vec<RawWeights> = (0..self.arms.len())
-            .map(|c| self.raw(&self.weights(c, None), &cols, pop.names.len()))
+            .map(|c| self.raw(&self.arms[c].mu, &cols, pop.names.len()))
             .collect();
         let mut scored: Vec<(f64, u32, u32)> = candidates
             .iter()
@@ -485,6 +471,8 @@ impl Posterior {
 
     /// Creative optimisation: for each chosen row, an own posterior draw of
     /// every creative and the one it scores best under (Thompson sampling).
+    /// Scored in standardised units: the row is standardised once, each
+    /// draw only dotted with it.
     pub fn assign(
         &self,
         pop: &Population,
@@ -492,14 +480,23 @@ impl Posterior {
         rng: &mut dyn rand::RngCore,
     ) -> Vec<usize> {
         let cols = self.columns(pop);
+        let d = self.dim();
+        let (mut z, mut xi) = (vec![0.0; d], vec![0.0; d]);
+        z[0] = 1.0;
         rows.iter()
             .map(|&r| {
                 let row = pop.row(r as usize);
+                for k in 1..d {
+                    let x = cols[k - 1].map_or(0.0, |c| row[c] as f64);
+                    z[k] = (x - self.mean[k - 1]) / self.scale[k - 1];
+                }
                 let mut best = (f64::NEG_INFINITY, 0);
-                for c in 0..self.arms.len() {
-                    let s = self
-                        .raw(&self.weights(c, Some(&mut *rng)), &cols, pop.names.len())
-                        .score(row);
+                for (c, arm) in self.arms.iter().enumerate() {
+                    for v in xi.iter_mut() {
+                        *v = rng.sample(StandardNormal);
+                    }
+                    let dev = backward(&arm.l, d, &xi);
+                    let s: f64 = (0..d).map(|k| (arm.mu[k] + arm.v * dev[k]) * z[k]).sum();
                     if s > best.0 {
                         best = (s, c);
                     }
