@@ -375,9 +375,9 @@ fn field<'a, const N: usize>(text: &'a str, i: &mut usize, key: &[u8; N]) -> Opt
 
 /// Parse and validate a reaction value; `Err` carries the DLQ reason.
 pub fn parse_reaction_view(value: Option<&[u8]>) -> Result<ReactionView<'_>, String> {
-    // UTF-8 is checked once for the whole value (std's fast path), not per
-    // string as `from_slice` does.
-    if let Some(Ok(text)) = value.map(std::str::from_utf8) {
+    // UTF-8 is checked once for the whole value (SIMD), not per string as
+    // `from_slice` does.
+    if let Some(Ok(text)) = value.map(simdutf8::basic::from_utf8) {
         if let Some(f) = canonical(text)
             .or_else(|| scan(text))
             .or_else(|| serde_json::from_str::<Fast>(text).ok())
@@ -499,6 +499,25 @@ mod tests {
         bad[at] = 0xff;
         let e = parse_reaction_view(Some(&bad)).unwrap_err();
         assert!(e.starts_with("malformed"), "{e}");
+        // Overlong, surrogate, truncated and stray bytes, in a string value
+        // before and after the first 64 bytes (the SIMD check's block).
+        let good = br#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"????????????????????????????????????????????","action":"send","ts":1}"#;
+        for seq in [
+            &[0xc0, 0x80][..],
+            &[0xed, 0xa0, 0x80],
+            &[0xe2, 0x82],
+            &[0x80],
+            &[0xf5, 0x80, 0x80, 0x80],
+        ] {
+            for at in [63, 80, 100] {
+                let mut bad = good.to_vec();
+                bad[at..at + seq.len()].copy_from_slice(seq);
+                assert!(std::str::from_utf8(&bad).is_err());
+                let e = parse_reaction_view(Some(&bad)).unwrap_err();
+                assert!(e.starts_with("malformed"), "{seq:?} at {at}: {e}");
+            }
+        }
+        assert!(parse_reaction_view(Some(good)).is_ok());
         for odd in [
             r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"send","ts":1} "#,
             r#"{"event_id":"e","campaign_id":"c","creative_id":"a","user_id":"u","action":"sent","ts":1}"#,
