@@ -204,6 +204,7 @@ pub struct ModelConfig {
     pub retrain_interval_ms: u64,
     pub keep_versions: u64,
     pub max_features: usize,
+    pub population_cache_mb: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -357,6 +358,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.model.max_features) {
             errors.push("model.max_features: must be between 1 and 64".into());
+        }
+        if self.model.population_cache_mb == 0 {
+            errors.push("model.population_cache_mb: must be > 0".into());
         }
         if self.campaign.max_batch_size == 0 {
             errors.push("campaign.max_batch_size: must be > 0".into());
@@ -614,6 +618,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.max_features"), "{err}");
+        let err = Config::load_from(
+            None,
+            env_map(&[("SMARTMSG__MODEL__POPULATION_CACHE_MB", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("model.population_cache_mb"), "{err}");
         Config::load_from(
             None,
             env_map(&[("SMARTMSG__NODE__ROLES", "percolator,materializer")]),

@@ -57,18 +57,59 @@ pub enum TargetingMsg {
 pub struct TargetingState {
     ctx: SharedCtx,
     reader: Box<dyn TopicReader>,
-    /// The last channel's population, with the subscribers table's
-    /// generation it was read at: the batches of a campaign (and the
-    /// campaigns of a channel) reuse it until a subscriber changes.
-    /// Reading a channel of 1M subscribers takes seconds (BENCHMARKS.md).
-    population: Option<CachedPopulation>,
+    populations: PopulationCache,
 }
 
+/// A channel's population, with the channel's generation it was read at
+/// (see `SubscriberStore::generation`).
 #[derive(Clone)]
 struct CachedPopulation {
     channel: String,
     generation: u64,
     pop: Arc<Population>,
+    bytes: usize,
+}
+
+/// The populations of the channels selected from last, least recently
+/// used first, within `budget` bytes (the latest one is kept whatever its
+/// size). The batches of a campaign, and the campaigns of a channel, reuse
+/// a channel's table until one of its subscribers changes: reading a
+/// channel of 1M subscribers takes seconds (BENCHMARKS.md).
+struct PopulationCache {
+    budget: usize,
+    entries: std::collections::VecDeque<CachedPopulation>,
+}
+
+impl PopulationCache {
+    fn new(budget: usize) -> Self {
+        PopulationCache {
+            budget,
+            entries: Default::default(),
+        }
+    }
+
+    /// The channel's cached population (current or not), now the most
+    /// recently used.
+    fn get(&mut self, channel: &str) -> Option<CachedPopulation> {
+        let i = self.entries.iter().position(|c| c.channel == channel)?;
+        let c = self.entries.remove(i)?;
+        self.entries.push_back(c.clone());
+        Some(c)
+    }
+
+    /// Keep `c` as its channel's population; drop the least recently used
+    /// ones beyond the budget.
+    fn put(&mut self, c: CachedPopulation) {
+        self.entries.retain(|e| e.channel != c.channel);
+        self.entries.push_back(c);
+        let mut total: usize = self.entries.iter().map(|e| e.bytes).sum();
+        while total > self.budget && self.entries.len() > 1 {
+            if let Some(old) = self.entries.pop_front() {
+                total -= old.bytes;
+            }
+        }
+        metrics::gauge!("smartmsg_population_cache_bytes").set(total as f64);
+    }
 }
 
 /// Offer a model: swapped in when valid and newer, refused otherwise.
@@ -126,10 +167,11 @@ impl Actor for TargetingModelActor {
         }
         metrics::gauge!("smartmsg_model_version").set(ctx.model.load().version as f64);
         myself.send_message(TargetingMsg::PollModels)?;
+        let budget = ctx.cfg.model.population_cache_mb as usize * 1024 * 1024;
         Ok(TargetingState {
             ctx,
             reader,
-            population: None,
+            populations: PopulationCache::new(budget),
         })
     }
 
@@ -144,21 +186,27 @@ impl Actor for TargetingModelActor {
                 let model = state.ctx.model.load_full();
                 let subscribers = state.ctx.subscribers.clone();
                 let max_features = state.ctx.cfg.model.max_features;
-                let cached = state.population.clone();
+                let cached = state.populations.get(&req.channel_id);
                 let (sel, cache) = tokio::task::spawn_blocking(
                     move || -> Result<(Selection, CachedPopulation), crate::io::IoError> {
-                        let generation = subscribers.generation();
+                        let generation = subscribers.generation(&req.channel_id);
                         let cache = match cached {
-                            Some(c)
-                                if c.channel == req.channel_id && c.generation == generation =>
-                            {
+                            Some(c) if c.generation == generation => {
+                                metrics::counter!("smartmsg_population_cache_total", "result" => "hit")
+                                    .increment(1);
                                 c
                             }
-                            _ => CachedPopulation {
-                                channel: req.channel_id.clone(),
-                                generation,
-                                pop: Arc::new(subscribers.population(&req.channel_id)?),
-                            },
+                            _ => {
+                                metrics::counter!("smartmsg_population_cache_total", "result" => "miss")
+                                    .increment(1);
+                                let pop = subscribers.population(&req.channel_id)?;
+                                CachedPopulation {
+                                    channel: req.channel_id.clone(),
+                                    generation,
+                                    bytes: pop.approx_bytes(),
+                                    pop: Arc::new(pop),
+                                }
+                            }
                         };
                         let pop = &cache.pop;
                         let seed = batch_seed(&req.campaign_id, req.batch, model.version);
@@ -178,7 +226,7 @@ impl Actor for TargetingModelActor {
                     },
                 )
                 .await??;
-                state.population = Some(cache);
+                state.populations.put(cache);
                 let _ = reply.send(sel);
             }
             TargetingMsg::PollModels => {
@@ -196,5 +244,45 @@ impl Actor for TargetingModelActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(channel: &str, bytes: usize) -> CachedPopulation {
+        CachedPopulation {
+            channel: channel.into(),
+            generation: 1,
+            pop: Arc::new(Population::from_rows(Vec::new())),
+            bytes,
+        }
+    }
+
+    fn channels(c: &PopulationCache) -> Vec<&str> {
+        c.entries.iter().map(|e| e.channel.as_str()).collect()
+    }
+
+    #[test]
+    fn populations_are_kept_least_recently_used_first_within_the_budget() {
+        let mut c = PopulationCache::new(100);
+        c.put(entry("a", 40));
+        c.put(entry("b", 40));
+        assert_eq!(channels(&c), ["a", "b"]);
+        // A use makes "a" the most recent: "b" goes first.
+        assert!(c.get("a").is_some());
+        c.put(entry("c", 40));
+        assert_eq!(channels(&c), ["a", "c"]);
+        assert!(c.get("b").is_none());
+        // A new copy of a channel replaces the old one.
+        let mut newer = entry("a", 50);
+        newer.generation = 2;
+        c.put(newer);
+        assert_eq!(channels(&c), ["c", "a"]);
+        assert_eq!(c.get("a").unwrap().generation, 2);
+        // The latest is kept even when it alone is over the budget.
+        c.put(entry("big", 500));
+        assert_eq!(channels(&c), ["big"]);
     }
 }

@@ -151,6 +151,16 @@ pub struct Population {
 }
 
 impl Population {
+    /// The memory the table holds, roughly (ids, names and values).
+    pub fn approx_bytes(&self) -> usize {
+        let strings = |v: &[String]| -> usize {
+            v.iter()
+                .map(|s| s.capacity() + std::mem::size_of::<String>())
+                .sum()
+        };
+        strings(&self.ids) + strings(&self.names) + self.x.capacity() * std::mem::size_of::<f32>()
+    }
+
     /// From (id, features) pairs (sorted by id here unless they are, ids
     /// unique); columns are every feature name any of them has, sorted.
     pub fn from_rows(mut rows: Vec<(String, BTreeMap<String, f64>)>) -> Population {

@@ -237,10 +237,10 @@ impl ReadModelStore {
 #[derive(Clone)]
 pub struct SubscriberStore {
     tree: sled::Tree,
-    /// Counts the changes applied (by any handle of this store): a copy
-    /// of a channel's population taken at generation g is current while
-    /// the generation is still g.
-    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Counts the changes applied to each channel (by any handle of this
+    /// store): a copy of a channel's population taken at generation g is
+    /// current while the channel's generation is still g.
+    generations: std::sync::Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
 
 /// A subscriber and its numeric features.
@@ -264,7 +264,7 @@ impl SubscriberStore {
     pub fn open(db: &sled::Db) -> Result<Self, IoError> {
         Ok(SubscriberStore {
             tree: db.open_tree("subscribers")?,
-            generation: Default::default(),
+            generations: Default::default(),
         })
     }
 
@@ -290,15 +290,24 @@ impl SubscriberStore {
         batch.insert(offset_key(topic, partition), &next_offset.to_be_bytes()[..]);
         self.tree.apply_batch(batch)?;
         if !changes.is_empty() {
-            self.generation
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut generations = self.generations.lock().expect("generations lock");
+            for (channel, _, _) in changes {
+                match generations.get_mut(channel.as_str()) {
+                    Some(g) => *g += 1,
+                    None => {
+                        generations.insert(channel.clone(), 1);
+                    }
+                }
+            }
         }
         Ok(())
     }
 
-    /// See `generation`: read it before reading the table.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    /// The channel's generation (see `generations`): read it before
+    /// reading the channel's table.
+    pub fn generation(&self, channel: &str) -> u64 {
+        let generations = self.generations.lock().expect("generations lock");
+        generations.get(channel).copied().unwrap_or(0)
     }
 
     /// Users of a channel, sorted.
@@ -595,7 +604,7 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn a_channels_population_is_a_dense_table_and_changes_bump_the_generation() {
+    fn a_channels_population_is_a_dense_table_and_its_changes_bump_its_generation() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let s = SubscriberStore::open(&db).unwrap();
         let handle = s.clone();
@@ -608,7 +617,7 @@ mod tests {
             };
             (ch.to_string(), u.to_string(), Some(s))
         };
-        let g0 = s.generation();
+        let (g0, other0) = (s.generation("c"), s.generation("other"));
         s.apply(
             "t",
             0,
@@ -621,19 +630,21 @@ mod tests {
         )
         .unwrap();
         // Any handle sees a change.
-        assert!(handle.generation() > g0);
+        assert!(handle.generation("c") > g0);
+        assert!(handle.generation("other") > other0);
         // An unreadable value counts as no features.
         s.tree.insert(sub_key("c", "u3"), &b"not json"[..]).unwrap();
         let p = handle.population("c").unwrap();
         assert_eq!(p.ids, vec!["u1", "u2", "u3"]);
         assert_eq!(p.names, vec!["a", "b", "z"]);
         assert_eq!(p.x, vec![3.0, 0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
-        let g1 = s.generation();
+        let (g1, other1) = (s.generation("c"), s.generation("other"));
         s.apply("t", 0, &[], 2).unwrap();
-        assert_eq!(s.generation(), g1, "no change, same generation");
+        assert_eq!(s.generation("c"), g1, "no change, same generation");
         s.apply("t", 0, &[("c".into(), "u1".into(), None)], 3)
             .unwrap();
-        assert!(s.generation() > g1);
+        assert!(s.generation("c") > g1);
+        assert_eq!(s.generation("other"), other1, "another channel's change");
         assert_eq!(s.population("c").unwrap().ids, vec!["u2", "u3"]);
     }
 
