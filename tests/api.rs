@@ -1072,3 +1072,154 @@ async fn subscribers_added_between_batches_are_chosen() {
     assert_eq!(v["messages_sent"], 10, "{v}");
     node.shutdown().await;
 }
+
+/// A batch whose transaction did not commit, seen in the log as a broker
+/// that shows aborted records shows it (Tansu: BROKERS.md), with only part
+/// of its outbound messages: the restarted owner runs the batch again,
+/// with that attempt's selection, and every message of it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncommitted_batch_runs_again_with_its_selection() {
+    use smartmsg::domain::campaign::{execute_command_id, Event, EventBody};
+    use smartmsg::domain::partition::partition_for;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |node_id: &str| {
+        let mut cfg = Config::defaults();
+        cfg.node.id = node_id.into();
+        cfg.storage.data_dir = dir.path().to_path_buf();
+        cfg.http.listen = "127.0.0.1:0".into();
+        cfg.kafka.partitions = 4;
+        cfg
+    };
+    let node = Node::start(config("api-attempt"), Arc::new(SystemClock), true)
+        .await
+        .unwrap();
+    let base = format!("http://{}", node.http_addr.unwrap());
+    let c = client();
+    let r = c
+        .put(format!("{base}/v1/channels/cha/subscribers"))
+        .body(subscribers_ndjson(20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Two batches of two, the first due once the node has restarted.
+    let start = now_ms() + 5_000;
+    let body = json!({"campaign_id": "att", "channel_id": "cha",
+        "creatives": [{"creative_id": "a", "text": "A"}, {"creative_id": "b", "text": "B"}],
+        "budget": 4, "start_at": start, "end_at": start + 2_000, "batch_interval_secs": 1});
+    let r = c
+        .post(format!("{base}/v1/campaigns"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let ctx = node.ctx.clone();
+    let (events_topic, outbound_topic) = (ctx.topics.events.clone(), ctx.topics.outbound.clone());
+    let p = partition_for(b"att", 4);
+    let history = eventually("the campaign's events", Duration::from_secs(10), || async {
+        let evs: Vec<Event> = common::read_all(&*ctx.log, &events_topic, 4)
+            .await
+            .into_iter()
+            .filter_map(|r| serde_json::from_slice::<Event>(r.value.as_deref()?).ok())
+            .filter(|e| e.campaign_id == "att")
+            .collect();
+        (evs.len() >= 2).then_some(evs)
+    })
+    .await;
+    let seq = history.iter().map(|e| e.seq).max().unwrap();
+    // The attempt: batch 0 to u7 and u11 by a model version no node has,
+    // its command beyond any committed offset, and u7's message only.
+    let attempt = |seq: u64, body: EventBody| {
+        let e = Event {
+            campaign_id: "att".into(),
+            seq,
+            command_id: "exec-attempt".into(),
+            ts: now_ms(),
+            command_offset: Some(1_000_000),
+            body,
+        };
+        OutRecord::keyed(&events_topic, "att", Some(serde_json::to_vec(&e).unwrap()))
+            .to_partition(p)
+    };
+    let message = |user: &str, creative: &str| {
+        let v = json!({"campaign_id": "att", "batch": 0, "user_id": user,
+            "creative_id": creative, "model_version": 777, "ts": now_ms()});
+        OutRecord::keyed(&outbound_topic, user, Some(v.to_string().into_bytes()))
+    };
+    ctx.log
+        .publish(vec![
+            attempt(seq + 1, EventBody::Started),
+            attempt(
+                seq + 2,
+                EventBody::BatchExecuted {
+                    batch: 0,
+                    due_at: start,
+                    size: 2,
+                    model_version: 777,
+                    assignments: [
+                        ("a".to_string(), vec!["u7".to_string()]),
+                        ("b".to_string(), vec!["u11".to_string()]),
+                    ]
+                    .into(),
+                },
+            ),
+            attempt(
+                seq + 3,
+                EventBody::BatchScheduled {
+                    batch: 1,
+                    due_at: start + 1_000,
+                    execute_command_id: execute_command_id("att", 1, seq + 3),
+                },
+            ),
+            message("u7", "a"),
+        ])
+        .await
+        .unwrap();
+    drop(ctx);
+    node.shutdown().await;
+
+    let node = Node::start(config("api-attempt"), Arc::new(SystemClock), true)
+        .await
+        .unwrap();
+    let base = format!("http://{}", node.http_addr.unwrap());
+    let url = format!("{base}/v1/campaigns/att");
+    let v = eventually("completed", Duration::from_secs(20), || async {
+        let (_, v) = status_of(&c, &url).await;
+        (v["status"] == "completed" && v["batches_done"] == 2).then_some(v)
+    })
+    .await;
+    assert_eq!(v["messages_sent"], 4, "{v}");
+    let ctx = node.ctx.clone();
+    let mut batch0: Vec<(String, String, u64)> = Vec::new();
+    let mut users: Vec<String> = Vec::new();
+    for r in common::read_all(&*ctx.log, &ctx.topics.outbound, 4).await {
+        let m: Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        if m["campaign_id"] != "att" {
+            continue;
+        }
+        let user = m["user_id"].as_str().unwrap().to_string();
+        if m["batch"] == 0 {
+            batch0.push((
+                user.clone(),
+                m["creative_id"].as_str().unwrap().to_string(),
+                m["model_version"].as_u64().unwrap(),
+            ));
+        }
+        users.push(user);
+    }
+    batch0.sort();
+    batch0.dedup();
+    assert_eq!(
+        batch0,
+        [
+            ("u11".to_string(), "b".to_string(), 777),
+            ("u7".to_string(), "a".to_string(), 777)
+        ],
+        "batch 0 ran again with the attempt's selection"
+    );
+    users.sort();
+    users.dedup();
+    assert_eq!(users.len(), 4, "one message per user: {users:?}");
+    node.shutdown().await;
+}

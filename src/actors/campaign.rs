@@ -4,10 +4,11 @@
 //! command offset, then schedules the next batch in the delay queue. Its
 //! state is rebuilt from `campaign-events` on every start.
 
-use crate::actors::targeting::{SelectRequest, TargetingMsg, TargetingRef};
+use crate::actors::targeting::{SelectRequest, Selection, TargetingMsg, TargetingRef};
 use crate::actors::SharedCtx;
 use crate::domain::campaign::{
-    batch_events, decide, CampaignState, Command, Decision, Event, EventBody, Outcome,
+    batch_events, decide, Attempt, CampaignState, Command, Decision, Event, EventBody, Outcome,
+    Restored,
 };
 use crate::io::{Job, OffsetCommit, OutRecord, TxnWriter};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -24,7 +25,10 @@ pub struct CampaignArgs {
     pub writer: Arc<dyn TxnWriter>,
     pub targeting: TargetingRef,
     /// Events already read by the partition owner (None: read the log).
-    pub preloaded: Option<Vec<Event>>,
+    pub preloaded: Option<Restored>,
+    /// The commands partition's committed offset, read before the events
+    /// (see `Restored`); used when the log is read here.
+    pub committed: u64,
     /// Publish the pending batch's job again (after a failure, the publish
     /// that followed the last commit may not have happened).
     pub republish: bool,
@@ -42,18 +46,21 @@ pub enum CampaignMsg {
 pub struct CampaignActorState {
     args: CampaignArgs,
     state: CampaignState,
+    /// Selections of batches whose transaction did not commit, by batch.
+    attempts: std::collections::HashMap<u64, Attempt>,
 }
 
 /// Read one campaign's (or every campaign's) events from a partition of
-/// `campaign-events`, deduplicated by identity `(campaign_id, seq)` with the
-/// last record winning: a broker may show records of aborted transactions.
+/// `campaign-events`, as its owner restores them against the commands
+/// partition's `committed` offset (read before): see `Restored`.
 pub async fn load_events(
     ctx: &SharedCtx,
     partition: u32,
     campaign_id: Option<&str>,
-) -> Result<Vec<Event>, ActorProcessingErr> {
+    committed: u64,
+) -> Result<Restored, ActorProcessingErr> {
     let mut reader = ctx.log.reader(&ctx.topics.events, partition, 0);
-    let mut by_identity: std::collections::BTreeMap<(String, u64), Event> = Default::default();
+    let mut events = Vec::new();
     loop {
         let recs = reader.next_batch(5000, Duration::ZERO).await?;
         if recs.is_empty() {
@@ -66,9 +73,7 @@ pub async fn load_events(
                 }
             }
             match r.value.as_deref().map(serde_json::from_slice::<Event>) {
-                Some(Ok(e)) => {
-                    by_identity.insert((e.campaign_id.clone(), e.seq), e);
-                }
+                Some(Ok(e)) => events.push(e),
                 _ => tracing::error!(
                     partition,
                     offset = r.offset,
@@ -77,7 +82,16 @@ pub async fn load_events(
             }
         }
     }
-    Ok(by_identity.into_values().collect())
+    let restored = Restored::from_log(events, committed);
+    if !restored.attempts.is_empty() {
+        tracing::info!(
+            partition,
+            batches = restored.attempts.len(),
+            committed,
+            "events of uncommitted transactions left out; their batches run again with the same selection"
+        );
+    }
+    Ok(restored)
 }
 
 pub fn job_of(state: &CampaignState) -> Option<Job> {
@@ -104,10 +118,14 @@ impl CampaignActor {
         let mut records: Vec<OutRecord> = events
             .iter()
             .map(|e| {
+                let tagged = Event {
+                    command_offset: Some(offset),
+                    ..e.clone()
+                };
                 OutRecord::keyed(
                     &ctx.topics.events,
                     e.campaign_id.clone(),
-                    Some(serde_json::to_vec(e).expect("serialisable")),
+                    Some(serde_json::to_vec(&tagged).expect("serialisable")),
                 )
                 .to_partition(st.args.partition)
             })
@@ -161,20 +179,37 @@ impl Actor for CampaignActor {
         _myself: ActorRef<Self::Msg>,
         mut args: CampaignArgs,
     ) -> Result<CampaignActorState, ActorProcessingErr> {
-        let events = match args.preloaded.take() {
-            Some(e) => e,
-            None => load_events(&args.ctx, args.partition, Some(&args.campaign_id)).await?,
+        let restored = match args.preloaded.take() {
+            Some(r) => r,
+            None => {
+                load_events(
+                    &args.ctx,
+                    args.partition,
+                    Some(&args.campaign_id),
+                    args.committed,
+                )
+                .await?
+            }
         };
         let mut state = CampaignState::new(&args.campaign_id, true);
-        for e in &events {
+        for e in &restored.events {
             state.apply(e);
         }
+        let attempts = restored
+            .attempts
+            .into_iter()
+            .map(|((_, batch), a)| (batch, a))
+            .collect();
         if args.republish {
             if let Some(job) = job_of(&state) {
                 args.ctx.queue()?.publish(&job).await?;
             }
         }
-        Ok(CampaignActorState { args, state })
+        Ok(CampaignActorState {
+            args,
+            state,
+            attempts,
+        })
     }
 
     async fn handle(
@@ -220,20 +255,43 @@ impl Actor for CampaignActor {
                     size: plan.size,
                     batch: plan.batch,
                 };
-                let targeting = st
-                    .args
-                    .targeting
-                    .get()
-                    .ok_or("targeting actor is not running")?;
-                let sel = targeting
-                    .call(
-                        |r| TargetingMsg::Select(req, r),
-                        Some(Duration::from_secs(60)),
-                    )
-                    .await?;
-                let sel = match sel {
-                    ractor::rpc::CallResult::Success(s) => s,
-                    other => return Err(format!("targeting did not answer: {other:?}").into()),
+                // The selection of an attempt that did not commit, when it
+                // still fits: the same messages again.
+                let again = st.attempts.remove(&plan.batch).filter(|a| {
+                    a.pairs.len() as u64 == plan.size
+                        && a.pairs
+                            .iter()
+                            .all(|(u, _)| !st.state.sent_users.contains(u))
+                });
+                let sel = match again {
+                    Some(a) => {
+                        tracing::info!(campaign = %st.state.campaign_id, batch = plan.batch,
+                            model_version = a.model_version,
+                            "batch runs again with the selection of its uncommitted attempt");
+                        Selection {
+                            pairs: a.pairs,
+                            model_version: a.model_version,
+                        }
+                    }
+                    None => {
+                        let targeting = st
+                            .args
+                            .targeting
+                            .get()
+                            .ok_or("targeting actor is not running")?;
+                        let sel = targeting
+                            .call(
+                                |r| TargetingMsg::Select(req, r),
+                                Some(Duration::from_secs(60)),
+                            )
+                            .await?;
+                        match sel {
+                            ractor::rpc::CallResult::Success(s) => s,
+                            other => {
+                                return Err(format!("targeting did not answer: {other:?}").into())
+                            }
+                        }
+                    }
                 };
                 let events = batch_events(
                     &st.state,

@@ -7,7 +7,7 @@
 use crate::actors::campaign::{job_of, load_events, CampaignActor, CampaignArgs, CampaignMsg};
 use crate::actors::targeting::TargetingRef;
 use crate::actors::{SharedCtx, POLL_WAIT};
-use crate::domain::campaign::{CampaignState, Command, Event};
+use crate::domain::campaign::{CampaignState, Command, Event, Restored};
 use crate::io::{GroupMember, OffsetCommit, PartitionReader, Txn, TxnWriter};
 use crate::supervision::{Decision, RestartPolicy, RestartTracker, Strategy};
 use ractor::rpc::CallResult;
@@ -38,7 +38,8 @@ pub struct CommandPartitionState {
     reader: Box<dyn PartitionReader>,
     campaigns: HashMap<String, ActorRef<CampaignMsg>>,
     /// Events read at start, handed to each campaign actor on first use.
-    preloaded: HashMap<String, Vec<Event>>,
+    preloaded: Restored,
+    member: Arc<dyn GroupMember>,
     /// Campaigns whose actor failed: not restarted before this time (ms).
     backoff_until: HashMap<String, i64>,
     tracker: RestartTracker,
@@ -62,13 +63,22 @@ impl CommandPartitionState {
         } else {
             false
         };
+        // A restarted campaign reads the log again, against the offset
+        // committed now (read first, see `Restored`).
+        let committed = if republish {
+            self.member.committed(self.partition).await?.unwrap_or(0)
+        } else {
+            0
+        };
+        let preloaded = self.preloaded.take_campaign(id);
         let args = CampaignArgs {
             ctx: self.ctx.clone(),
             campaign_id: id.to_string(),
             partition: self.partition,
             writer: self.writer.clone(),
             targeting: self.targeting.clone(),
-            preloaded: Some(self.preloaded.remove(id).unwrap_or_default()).filter(|_| !republish),
+            preloaded: Some(preloaded).filter(|_| !republish),
+            committed,
             republish,
         };
         let (actor, _) = Actor::spawn_linked(None, CampaignActor, args, myself.get_cell()).await?;
@@ -124,16 +134,19 @@ impl Actor for CommandPartitionActor {
         let ctx = args.ctx;
         let p = args.partition;
         let writer = args.member.writer();
-        let events = load_events(&ctx, p, None).await?;
-        let mut preloaded: HashMap<String, Vec<Event>> = HashMap::new();
-        for e in events {
-            preloaded.entry(e.campaign_id.clone()).or_default().push(e);
+        // The committed offset first: the events are read against it, and
+        // the commands are read again from it (see `Restored`).
+        let from = args.member.committed(p).await?.unwrap_or(0);
+        let preloaded = load_events(&ctx, p, None, from).await?;
+        let mut by_campaign: HashMap<&str, Vec<&Event>> = HashMap::new();
+        for e in &preloaded.events {
+            by_campaign.entry(&e.campaign_id).or_default().push(e);
         }
         // Re-publish the job of every pending batch: the publish after the
         // commit that scheduled it may not have happened. Duplicates are
         // harmless (same command id, applied once).
         let mut republished = 0;
-        for (id, evs) in &preloaded {
+        for (id, evs) in &by_campaign {
             let mut s = CampaignState::new(id, false);
             for e in evs {
                 s.apply(e);
@@ -143,10 +156,11 @@ impl Actor for CommandPartitionActor {
                 republished += 1;
             }
         }
-        let from = args.member.committed(p).await?.unwrap_or(0);
+        let campaigns = by_campaign.len();
+        drop(by_campaign);
         tracing::info!(
             partition = p,
-            campaigns = preloaded.len(),
+            campaigns,
             republished,
             from,
             "command partition restored"
@@ -162,6 +176,7 @@ impl Actor for CommandPartitionActor {
             reader,
             campaigns: HashMap::new(),
             preloaded,
+            member: args.member,
             backoff_until: HashMap::new(),
             tracker: RestartTracker::new(policy),
         })

@@ -67,8 +67,92 @@ pub struct Event {
     pub seq: u64,
     pub command_id: String,
     pub ts: i64,
+    /// Offset in its `campaign-commands` partition of the command that
+    /// produced the event, written in the transaction that commits that
+    /// offset: an event at or beyond the group's committed offset is from
+    /// a transaction that never committed (see `Restored`). Absent in
+    /// events written before it existed (counted as committed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_offset: Option<u64>,
     #[serde(flatten)]
     pub body: EventBody,
+}
+
+/// A selection made for a batch in a transaction that did not commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub pairs: Vec<(String, String)>,
+    pub model_version: u64,
+}
+
+/// A partition's events as its owner restores them: those of committed
+/// transactions, deduplicated by identity `(campaign_id, seq)` with the
+/// last record winning, and the latest uncommitted selection of each
+/// (campaign, batch).
+///
+/// A broker may show records of aborted transactions (Tansu does,
+/// BROKERS.md), and an aborted transaction may have reached the broker only
+/// in part (its writer was killed, or its commit failed mid-way): taking
+/// its `batch_executed` as done would skip the batch's re-execution and
+/// leave its outbound messages incomplete. Its command is at or beyond the
+/// committed offset, so it is read again and re-executed — with the same
+/// selection (`Attempt`), so that the messages it writes again are the
+/// same ones, whatever model version is current by then.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Restored {
+    pub events: Vec<Event>,
+    pub attempts: HashMap<(String, u64), Attempt>,
+}
+
+impl Restored {
+    /// Split events in log order against the commands partition's
+    /// committed offset, read before the events.
+    pub fn from_log(events: impl IntoIterator<Item = Event>, committed: u64) -> Restored {
+        let mut by_identity: BTreeMap<(String, u64), Event> = BTreeMap::new();
+        let mut attempts = HashMap::new();
+        for e in events {
+            if e.command_offset.is_some_and(|o| o >= committed) {
+                if let EventBody::BatchExecuted {
+                    batch,
+                    model_version,
+                    assignments,
+                    ..
+                } = e.body
+                {
+                    let pairs = assignments
+                        .into_iter()
+                        .flat_map(|(c, users)| users.into_iter().map(move |u| (u, c.clone())))
+                        .collect();
+                    attempts.insert(
+                        (e.campaign_id, batch),
+                        Attempt {
+                            pairs,
+                            model_version,
+                        },
+                    );
+                }
+                continue;
+            }
+            by_identity.insert((e.campaign_id.clone(), e.seq), e);
+        }
+        Restored {
+            events: by_identity.into_values().collect(),
+            attempts,
+        }
+    }
+
+    /// One campaign's share.
+    pub fn take_campaign(&mut self, campaign_id: &str) -> Restored {
+        let events = self
+            .events
+            .extract_if(.., |e| e.campaign_id == campaign_id)
+            .collect();
+        let attempts = self
+            .attempts
+            .extract_if(|(c, _), _| c == campaign_id)
+            .collect();
+        Restored { events, attempts }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -344,6 +428,7 @@ fn rejection(state: &CampaignState, cmd: &Command, reason: String, now: i64) -> 
         seq: state.seq + 1,
         command_id: cmd.command_id.clone(),
         ts: now,
+        command_offset: None,
         body: EventBody::CommandRejected {
             reason,
             command_type: cmd.kind.name().into(),
@@ -382,6 +467,7 @@ impl<'a> EventBuilder<'a> {
             seq,
             command_id: self.cmd.command_id.clone(),
             ts: self.now,
+            command_offset: None,
             body,
         });
     }
@@ -926,6 +1012,74 @@ mod tests {
     }
 
     #[test]
+    fn events_of_uncommitted_transactions_are_attempts_not_history() {
+        let ev = |campaign: &str, seq: u64, offset: Option<u64>, body: EventBody| Event {
+            campaign_id: campaign.into(),
+            seq,
+            command_id: format!("c{seq}"),
+            ts: 0,
+            command_offset: offset,
+            body,
+        };
+        let executed = |batch: u64, users: &[&str], version: u64| EventBody::BatchExecuted {
+            batch,
+            due_at: 0,
+            size: users.len() as u64,
+            model_version: version,
+            assignments: [(
+                "a".to_string(),
+                users.iter().map(|u| u.to_string()).collect(),
+            )]
+            .into(),
+        };
+        let log = vec![
+            // Before command offsets were written: counted as committed.
+            ev("x", 1, None, EventBody::Started),
+            ev("x", 2, Some(3), executed(0, &["u1", "u2"], 1)),
+            // A zombie's attempt at seq 2 after the committed one: left out,
+            // the committed record stays.
+            ev("x", 2, Some(7), executed(0, &["u9"], 1)),
+            // Batch 1 of "x" tried twice, neither committed: the later wins.
+            ev("x", 3, Some(8), executed(1, &["u3"], 1)),
+            ev("x", 3, Some(9), executed(1, &["u4"], 2)),
+            ev("y", 1, Some(4), EventBody::Started),
+            ev("y", 2, Some(10), executed(0, &["u5"], 2)),
+        ];
+        let mut r = Restored::from_log(log, 5);
+        let seqs: Vec<(&str, u64)> = r
+            .events
+            .iter()
+            .map(|e| (e.campaign_id.as_str(), e.seq))
+            .collect();
+        assert_eq!(seqs, [("x", 1), ("x", 2), ("y", 1)]);
+        assert!(matches!(
+            &r.events[1].body,
+            EventBody::BatchExecuted { size: 2, .. }
+        ));
+        let want = |u: &str, v| Attempt {
+            pairs: vec![(u.to_string(), "a".to_string())],
+            model_version: v,
+        };
+        assert_eq!(r.attempts.len(), 3);
+        assert_eq!(r.attempts[&("x".to_string(), 1)], want("u4", 2));
+        let y = r.take_campaign("y");
+        assert_eq!(y.events.len(), 1);
+        assert_eq!(y.attempts[&("y".to_string(), 0)], want("u5", 2));
+        assert!(r.events.iter().all(|e| e.campaign_id == "x"));
+        assert!(r.attempts.keys().all(|(c, _)| c == "x"));
+        // A committed offset past every command: all of it is history.
+        let all = Restored::from_log(
+            vec![
+                ev("x", 1, Some(3), EventBody::Started),
+                ev("x", 2, Some(9), EventBody::Paused),
+            ],
+            10,
+        );
+        assert_eq!(all.events.len(), 2);
+        assert!(all.attempts.is_empty());
+    }
+
+    #[test]
     fn command_json_round_trip() {
         let c = create_cmd(3);
         let v = serde_json::to_value(&c).unwrap();
@@ -937,6 +1091,7 @@ mod tests {
             seq: 1,
             command_id: "x".into(),
             ts: 1,
+            command_offset: None,
             body: EventBody::CommandRejected {
                 reason: "r".into(),
                 command_type: "pause".into(),

@@ -692,6 +692,7 @@ mod tests {
             seq,
             command_id: format!("cmd{seq}"),
             ts: 0,
+            command_offset: None,
             body,
         }
     }
