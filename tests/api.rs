@@ -29,16 +29,22 @@ async fn start_with_clock(
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::defaults();
-    cfg.node.id = node_id.into();
-    cfg.storage.data_dir = dir.path().to_path_buf();
-    cfg.http.listen = "127.0.0.1:0".into();
-    cfg.kafka.partitions = 4;
-    cfg.model.retrain_interval_ms = 100;
+    let mut cfg = config_at(node_id, dir.path());
     tweak(&mut cfg);
     let node = Node::start(cfg, clock, true).await.unwrap();
     let base = format!("http://{}", node.http_addr.unwrap());
     (node, base, dir)
+}
+
+/// A test node's config, with its data in `dir`.
+fn config_at(node_id: &str, dir: &std::path::Path) -> Config {
+    let mut cfg = Config::defaults();
+    cfg.node.id = node_id.into();
+    cfg.storage.data_dir = dir.to_path_buf();
+    cfg.http.listen = "127.0.0.1:0".into();
+    cfg.kafka.partitions = 4;
+    cfg.model.retrain_interval_ms = 100;
+    cfg
 }
 
 async fn status_of(c: &reqwest::Client, url: &str) -> (u16, Value) {
@@ -1082,17 +1088,13 @@ async fn an_uncommitted_batch_runs_again_with_its_selection() {
     use smartmsg::domain::campaign::{execute_command_id, Event, EventBody};
     use smartmsg::domain::partition::partition_for;
     let dir = tempfile::tempdir().unwrap();
-    let config = |node_id: &str| {
-        let mut cfg = Config::defaults();
-        cfg.node.id = node_id.into();
-        cfg.storage.data_dir = dir.path().to_path_buf();
-        cfg.http.listen = "127.0.0.1:0".into();
-        cfg.kafka.partitions = 4;
-        cfg
-    };
-    let node = Node::start(config("api-attempt"), Arc::new(SystemClock), true)
-        .await
-        .unwrap();
+    let node = Node::start(
+        config_at("api-attempt", dir.path()),
+        Arc::new(SystemClock),
+        true,
+    )
+    .await
+    .unwrap();
     let base = format!("http://{}", node.http_addr.unwrap());
     let c = client();
     let r = c
@@ -1179,9 +1181,13 @@ async fn an_uncommitted_batch_runs_again_with_its_selection() {
     drop(ctx);
     node.shutdown().await;
 
-    let node = Node::start(config("api-attempt"), Arc::new(SystemClock), true)
-        .await
-        .unwrap();
+    let node = Node::start(
+        config_at("api-attempt", dir.path()),
+        Arc::new(SystemClock),
+        true,
+    )
+    .await
+    .unwrap();
     let base = format!("http://{}", node.http_addr.unwrap());
     let url = format!("{base}/v1/campaigns/att");
     let v = eventually("completed", Duration::from_secs(20), || async {
