@@ -7,7 +7,7 @@
 use crate::actors::campaign::{job_of, load_events, CampaignActor, CampaignArgs, CampaignMsg};
 use crate::actors::targeting::TargetingRef;
 use crate::actors::{SharedCtx, POLL_WAIT};
-use crate::domain::campaign::{CampaignState, Command, Event, Restored};
+use crate::domain::campaign::{CampaignState, Command, Restored};
 use crate::io::{GroupMember, OffsetCommit, PartitionReader, Txn, TxnWriter};
 use crate::supervision::{Decision, RestartPolicy, RestartTracker, Strategy};
 use ractor::rpc::CallResult;
@@ -38,7 +38,7 @@ pub struct CommandPartitionState {
     reader: Box<dyn PartitionReader>,
     campaigns: HashMap<String, ActorRef<CampaignMsg>>,
     /// Events read at start, handed to each campaign actor on first use.
-    preloaded: Restored,
+    preloaded: HashMap<String, Restored>,
     member: Arc<dyn GroupMember>,
     /// Campaigns whose actor failed: not restarted before this time (ms).
     backoff_until: HashMap<String, i64>,
@@ -70,7 +70,7 @@ impl CommandPartitionState {
         } else {
             0
         };
-        let preloaded = self.preloaded.take_campaign(id);
+        let preloaded = self.preloaded.remove(id).unwrap_or_default();
         let args = CampaignArgs {
             ctx: self.ctx.clone(),
             campaign_id: id.to_string(),
@@ -137,18 +137,14 @@ impl Actor for CommandPartitionActor {
         // The committed offset first: the events are read against it, and
         // the commands are read again from it (see `Restored`).
         let from = args.member.committed(p).await?.unwrap_or(0);
-        let preloaded = load_events(&ctx, p, None, from).await?;
-        let mut by_campaign: HashMap<&str, Vec<&Event>> = HashMap::new();
-        for e in &preloaded.events {
-            by_campaign.entry(&e.campaign_id).or_default().push(e);
-        }
+        let preloaded = load_events(&ctx, p, None, from).await?.by_campaign();
         // Re-publish the job of every pending batch: the publish after the
         // commit that scheduled it may not have happened. Duplicates are
         // harmless (same command id, applied once).
         let mut republished = 0;
-        for (id, evs) in &by_campaign {
+        for (id, r) in &preloaded {
             let mut s = CampaignState::new(id, false);
-            for e in evs {
+            for e in &r.events {
                 s.apply(e);
             }
             if let Some(job) = job_of(&s) {
@@ -156,11 +152,9 @@ impl Actor for CommandPartitionActor {
                 republished += 1;
             }
         }
-        let campaigns = by_campaign.len();
-        drop(by_campaign);
         tracing::info!(
             partition = p,
-            campaigns,
+            campaigns = preloaded.len(),
             republished,
             from,
             "command partition restored"

@@ -141,17 +141,19 @@ impl Restored {
         }
     }
 
-    /// One campaign's share.
-    pub fn take_campaign(&mut self, campaign_id: &str) -> Restored {
-        let events = self
-            .events
-            .extract_if(.., |e| e.campaign_id == campaign_id)
-            .collect();
-        let attempts = self
-            .attempts
-            .extract_if(|(c, _), _| c == campaign_id)
-            .collect();
-        Restored { events, attempts }
+    /// Each campaign's share.
+    pub fn by_campaign(self) -> HashMap<String, Restored> {
+        let mut out: HashMap<String, Restored> = HashMap::new();
+        for e in self.events {
+            out.entry(e.campaign_id.clone()).or_default().events.push(e);
+        }
+        for ((c, batch), a) in self.attempts {
+            out.entry(c.clone())
+                .or_default()
+                .attempts
+                .insert((c, batch), a);
+        }
+        out
     }
 }
 
@@ -1045,7 +1047,7 @@ mod tests {
             ev("y", 1, Some(4), EventBody::Started),
             ev("y", 2, Some(10), executed(0, &["u5"], 2)),
         ];
-        let mut r = Restored::from_log(log, 5);
+        let r = Restored::from_log(log, 5);
         let seqs: Vec<(&str, u64)> = r
             .events
             .iter()
@@ -1062,11 +1064,16 @@ mod tests {
         };
         assert_eq!(r.attempts.len(), 3);
         assert_eq!(r.attempts[&("x".to_string(), 1)], want("u4", 2));
-        let y = r.take_campaign("y");
+        let mut split = r.by_campaign();
+        let (x, y) = (split.remove("x").unwrap(), split.remove("y").unwrap());
+        assert!(split.is_empty());
         assert_eq!(y.events.len(), 1);
+        assert_eq!(y.attempts.len(), 1);
         assert_eq!(y.attempts[&("y".to_string(), 0)], want("u5", 2));
-        assert!(r.events.iter().all(|e| e.campaign_id == "x"));
-        assert!(r.attempts.keys().all(|(c, _)| c == "x"));
+        assert_eq!(x.events.len(), 2);
+        assert!(x.events.iter().all(|e| e.campaign_id == "x"));
+        assert_eq!(x.attempts.len(), 2);
+        assert!(x.attempts.keys().all(|(c, _)| c == "x"));
         // A committed offset past every command: all of it is history.
         let all = Restored::from_log(
             vec![
