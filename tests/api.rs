@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{client, eventually, now_ms, subscribers_ndjson};
+use common::{client, eventually, now_ms, post_campaign, put_subscribers, subscribers_ndjson};
 use serde_json::{json, Value};
 use smartmsg::clock::SystemClock;
 use smartmsg::config::Config;
@@ -34,6 +34,15 @@ async fn start_with_clock(
     let node = Node::start(cfg, clock, true).await.unwrap();
     let base = format!("http://{}", node.http_addr.unwrap());
     (node, base, dir)
+}
+
+/// A node whose data is in `dir` (kept across restarts), and its base URL.
+async fn start_in(node_id: &str, dir: &std::path::Path) -> (Node, String) {
+    let node = Node::start(config_at(node_id, dir), Arc::new(SystemClock), true)
+        .await
+        .unwrap();
+    let base = format!("http://{}", node.http_addr.unwrap());
+    (node, base)
 }
 
 /// A test node's config, with its data in `dir`.
@@ -89,12 +98,7 @@ async fn campaign_runs_end_to_end_through_the_api() {
     })
     .await;
 
-    let r = c
-        .put(format!("{base}/v1/channels/ch1/subscribers"))
-        .body(subscribers_ndjson(300))
-        .send()
-        .await
-        .unwrap();
+    let r = put_subscribers(&c, &base, "ch1", subscribers_ndjson(300)).await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.json::<Value>().await.unwrap()["count"], 300);
     eventually(
@@ -106,12 +110,7 @@ async fn campaign_runs_end_to_end_through_the_api() {
 
     let mut body = campaign_body("camp-1", 90, 3);
     body["command_id"] = json!("create-1");
-    let r = c
-        .post(format!("{base}/v1/campaigns"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_campaign(&c, &base, &body).await;
     assert_eq!(r.status(), 202);
     let v: Value = r.json().await.unwrap();
     assert_eq!(
@@ -127,23 +126,13 @@ async fn campaign_runs_end_to_end_through_the_api() {
     assert_eq!(cmd["campaign_id"], "camp-1");
 
     // A repeated command id is answered with the first outcome, not re-applied.
-    let r = c
-        .post(format!("{base}/v1/campaigns"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_campaign(&c, &base, &body).await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.json::<Value>().await.unwrap()["command_id"], "create-1");
     // The same campaign id under a new command id conflicts.
     let mut again = body.clone();
     again["command_id"] = json!("create-2");
-    let r = c
-        .post(format!("{base}/v1/campaigns"))
-        .json(&again)
-        .send()
-        .await
-        .unwrap();
+    let r = post_campaign(&c, &base, &again).await;
     assert_eq!(r.status(), 409);
     assert_eq!(r.json::<Value>().await.unwrap()["command_id"], "create-2");
 
@@ -200,11 +189,7 @@ async fn campaign_runs_end_to_end_through_the_api() {
 async fn pause_resume_cancel_and_budget() {
     let (node, base, _dir) = start("api-lifecycle", |_| {}).await;
     let c = client();
-    c.put(format!("{base}/v1/channels/ch1/subscribers"))
-        .body(subscribers_ndjson(100))
-        .send()
-        .await
-        .unwrap();
+    put_subscribers(&c, &base, "ch1", subscribers_ndjson(100)).await;
     // Far in the future: stays scheduled.
     let start = now_ms() + 3_600_000;
     let body = json!({"campaign_id": "later", "channel_id": "ch1",
@@ -365,12 +350,13 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["field"], "budget");
     // Bad subscribers line, nothing written.
-    let r = c
-        .put(format!("{base}/v1/channels/ch1/subscribers"))
-        .body("{\"user_id\":\"u1\"}\n{\"user_id\":\"u2\",\"features\":{\"age\":\"old\"}}\n")
-        .send()
-        .await
-        .unwrap();
+    let r = put_subscribers(
+        &c,
+        &base,
+        "ch1",
+        "{\"user_id\":\"u1\"}\n{\"user_id\":\"u2\",\"features\":{\"age\":\"old\"}}\n",
+    )
+    .await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["field"], "features.age");
@@ -385,12 +371,7 @@ async fn mutating_endpoints_need_the_bearer_token() {
     let (node, base, _dir) = start("api-auth", |c| c.http.auth_token = "s3cret".into()).await;
     let c = client();
     let body = campaign_body("authz", 10, 2);
-    let r = c
-        .post(format!("{base}/v1/campaigns"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_campaign(&c, &base, &body).await;
     assert_eq!(r.status(), 401);
     let r = c
         .post(format!("{base}/v1/campaigns"))
@@ -939,23 +920,13 @@ async fn the_trainer_learns_from_subscriber_features() {
             )
         })
         .collect();
-    let r = c
-        .put(format!("{base}/v1/channels/chf/subscribers"))
-        .body(ndjson)
-        .send()
-        .await
-        .unwrap();
+    let r = put_subscribers(&c, &base, "chf", ndjson).await;
     assert_eq!(r.status(), 202);
     let t0 = now_ms();
     let body = json!({"campaign_id": "feat", "channel_id": "chf",
         "creatives": [{"creative_id": "a", "text": "A"}, {"creative_id": "b", "text": "B"}],
         "budget": 100, "start_at": t0 + 3_600_000, "end_at": t0 + 3_700_000, "batch_interval_secs": 10});
-    let r = c
-        .post(format!("{base}/v1/campaigns"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_campaign(&c, &base, &body).await;
     assert_eq!(r.status(), 202);
     let ctx = node.ctx.clone();
     eventually(
@@ -1053,12 +1024,7 @@ async fn subscribers_added_between_batches_are_chosen() {
     let body = json!({"campaign_id": "grow", "channel_id": "chn",
         "creatives": [{"creative_id": "a", "text": "A"}], "budget": 10,
         "start_at": start, "end_at": start + 6_000, "batch_interval_secs": 3});
-    let r = c
-        .post(format!("{base}/v1/campaigns"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_campaign(&c, &base, &body).await;
     assert_eq!(r.status(), 202);
     let url = format!("{base}/v1/campaigns/grow");
     eventually("the first batch", Duration::from_secs(10), || async {
@@ -1088,33 +1054,16 @@ async fn an_uncommitted_batch_runs_again_with_its_selection() {
     use smartmsg::domain::campaign::{execute_command_id, Event, EventBody};
     use smartmsg::domain::partition::partition_for;
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(
-        config_at("api-attempt", dir.path()),
-        Arc::new(SystemClock),
-        true,
-    )
-    .await
-    .unwrap();
-    let base = format!("http://{}", node.http_addr.unwrap());
+    let (node, base) = start_in("api-attempt", dir.path()).await;
     let c = client();
-    let r = c
-        .put(format!("{base}/v1/channels/cha/subscribers"))
-        .body(subscribers_ndjson(20))
-        .send()
-        .await
-        .unwrap();
+    let r = put_subscribers(&c, &base, "cha", subscribers_ndjson(20)).await;
     assert_eq!(r.status(), 202);
     // Two batches of two, the first due once the node has restarted.
     let start = now_ms() + 5_000;
     let body = json!({"campaign_id": "att", "channel_id": "cha",
         "creatives": [{"creative_id": "a", "text": "A"}, {"creative_id": "b", "text": "B"}],
         "budget": 4, "start_at": start, "end_at": start + 2_000, "batch_interval_secs": 1});
-    let r = c
-        .post(format!("{base}/v1/campaigns"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_campaign(&c, &base, &body).await;
     assert_eq!(r.status(), 202);
     let ctx = node.ctx.clone();
     let (events_topic, outbound_topic) = (ctx.topics.events.clone(), ctx.topics.outbound.clone());
@@ -1181,14 +1130,7 @@ async fn an_uncommitted_batch_runs_again_with_its_selection() {
     drop(ctx);
     node.shutdown().await;
 
-    let node = Node::start(
-        config_at("api-attempt", dir.path()),
-        Arc::new(SystemClock),
-        true,
-    )
-    .await
-    .unwrap();
-    let base = format!("http://{}", node.http_addr.unwrap());
+    let (node, base) = start_in("api-attempt", dir.path()).await;
     let url = format!("{base}/v1/campaigns/att");
     let v = eventually("completed", Duration::from_secs(20), || async {
         let (_, v) = status_of(&c, &url).await;

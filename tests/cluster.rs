@@ -314,12 +314,8 @@ async fn three_nodes_one_killed_execute_every_batch_exactly_once_through_rabbitm
     let root = tempfile::tempdir().unwrap();
     let (_cleanup, mut nodes) = start_nodes("bnode", &brokers, root.path()).await;
     let c = client();
-    let r = c
-        .put(format!("{}/v1/channels/ch/subscribers", nodes[0].base()))
-        .body(common::subscribers_ndjson(500))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        common::put_subscribers(&c, &nodes[0].base(), "ch", common::subscribers_ndjson(500)).await;
     assert_eq!(r.status(), 202);
     for n in &nodes {
         let base = n.base();

@@ -65,12 +65,7 @@ async fn sigkill_mid_run_loses_nothing_and_doubles_nothing() {
     let mut child = spawn(dir.path(), port);
     wait_healthy(&base).await;
     let c = client();
-    let r = c
-        .put(format!("{base}/v1/channels/ch/subscribers"))
-        .body(subscribers_ndjson(1000))
-        .send()
-        .await
-        .unwrap();
+    let r = common::put_subscribers(&c, &base, "ch", subscribers_ndjson(1000)).await;
     assert_eq!(r.status(), 202);
 
     // Five campaigns of 6 one-second batches, 60 messages each.
@@ -79,12 +74,7 @@ async fn sigkill_mid_run_loses_nothing_and_doubles_nothing() {
         let body = json!({"campaign_id": format!("k{i}"), "command_id": format!("create-k{i}"),
             "channel_id": "ch", "creatives": [{"creative_id": "x", "text": "X"}, {"creative_id": "y", "text": "Y"}],
             "budget": 60, "start_at": start, "end_at": start + 6_000, "batch_interval_secs": 1});
-        let r = c
-            .post(format!("{base}/v1/campaigns"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = common::post_campaign(&c, &base, &body).await;
         assert_eq!(r.status(), 202, "{:?}", r.text().await);
     }
     // Let a few batches run, then kill -9 in the middle.

@@ -41,6 +41,33 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// `PUT /v1/channels/{channel}/subscribers` with an NDJSON `body`.
+pub async fn put_subscribers(
+    c: &reqwest::Client,
+    base: &str,
+    channel: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    c.put(format!("{base}/v1/channels/{channel}/subscribers"))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `POST /v1/campaigns` with a JSON `body`.
+pub async fn post_campaign(
+    c: &reqwest::Client,
+    base: &str,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    c.post(format!("{base}/v1/campaigns"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// NDJSON body of `n` subscribers.
 pub fn subscribers_ndjson(n: usize) -> String {
     (0..n)
