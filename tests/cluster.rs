@@ -9,7 +9,7 @@
 mod common;
 
 use common::tansu::Tansu;
-use common::{client, eventually, free_port, now_ms};
+use common::{client, eventually, now_ms};
 use rand::Rng;
 use serde_json::{json, Value};
 use smartmsg::config::Compression;
@@ -17,63 +17,11 @@ use smartmsg::domain::campaign::{Event, EventBody};
 use smartmsg::io::kafka::{KafkaLog, KafkaSettings};
 use smartmsg::io::{EventLog, OutRecord};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const PARTITIONS: u32 = 6;
 
-struct Node {
-    id: String,
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-    queue_prefix: String,
-}
-
-impl Node {
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-    fn start(&mut self, brokers: &str) {
-        let child = Command::new(env!("CARGO_BIN_EXE_smartmsg"))
-            .arg("run")
-            .env("SMARTMSG__BACKEND__KIND", "cluster")
-            .env("SMARTMSG__KAFKA__BROKERS", brokers)
-            .env("SMARTMSG__KAFKA__PARTITIONS", PARTITIONS.to_string())
-            .env("SMARTMSG__KAFKA__SESSION_TIMEOUT_MS", "6000")
-            .env("SMARTMSG__NODE__ID", &self.id)
-            .env("SMARTMSG__STORAGE__DATA_DIR", &self.dir)
-            .env("SMARTMSG__HTTP__LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("SMARTMSG__AMQP__QUEUE_PREFIX", &self.queue_prefix)
-            .env(
-                "SMARTMSG__LOG__LEVEL",
-                std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("daemon starts");
-        self.child = Some(child);
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-    fn terminate(&mut self) {
-        if let Some(c) = self.child.take() {
-            common::terminate(c);
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
+type Node = common::daemon::ClusterNode;
 
 async fn healthy(base: &str) {
     let c = client();
@@ -101,12 +49,13 @@ async fn start_nodes(
         connection_name: format!("{tag}-cleanup"),
     });
     let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            id: format!("{tag}-{i}"),
-            port: free_port(),
-            dir: root.join(format!("{tag}{i}")),
-            child: None,
-            queue_prefix: queue_prefix.clone(),
+        .map(|i| {
+            Node::new(
+                &format!("{tag}-{i}"),
+                root.join(format!("{tag}{i}")),
+                &queue_prefix,
+                PARTITIONS,
+            )
         })
         .collect();
     nodes[0].start(brokers);
@@ -134,7 +83,7 @@ async fn read_events(log: &KafkaLog) -> BTreeMap<(String, u64), Event> {
 async fn post(c: &reqwest::Client, nodes: &[Node], path: &str, body: &Value) -> u16 {
     for attempt in 0..60 {
         let n = &nodes[rand::thread_rng().gen_range(0..nodes.len())];
-        if n.child.is_none() {
+        if !n.is_running() {
             continue;
         }
         match c
@@ -533,7 +482,7 @@ async fn one_node_trains_and_another_takes_over_when_it_dies() {
         let bases: Vec<(usize, String)> = nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.child.is_some())
+            .filter(|(_, n)| n.is_running())
             .map(|(i, n)| (i, n.base()))
             .collect();
         let c = c.clone();

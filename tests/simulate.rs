@@ -6,57 +6,12 @@
 mod common;
 
 use common::tansu::Tansu;
-use common::{client, eventually, free_port};
+use common::{client, eventually};
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const PARTITIONS: u32 = 4;
-
-struct Node {
-    port: u16,
-    dir: PathBuf,
-    queue_prefix: String,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-    fn start(&mut self, brokers: &str) {
-        let child = Command::new(env!("CARGO_BIN_EXE_smartmsg"))
-            .arg("run")
-            .env("SMARTMSG__BACKEND__KIND", "cluster")
-            .env("SMARTMSG__KAFKA__BROKERS", brokers)
-            .env("SMARTMSG__KAFKA__PARTITIONS", PARTITIONS.to_string())
-            .env("SMARTMSG__NODE__ID", "sim-0")
-            .env("SMARTMSG__STORAGE__DATA_DIR", &self.dir)
-            .env("SMARTMSG__HTTP__LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("SMARTMSG__AMQP__QUEUE_PREFIX", &self.queue_prefix)
-            .env("SMARTMSG__LOG__LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("daemon starts");
-        self.child = Some(child);
-    }
-    fn terminate(&mut self) {
-        if let Some(c) = self.child.take() {
-            common::terminate(c);
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// `smartmsg simulate` against a running cluster node: it registers its
 /// subscribers and a campaign through the API, reacts to the campaign's
@@ -73,12 +28,12 @@ async fn simulate_runs_a_campaign_against_a_cluster_node() {
         prefetch: 10,
         connection_name: "sim-cleanup".into(),
     });
-    let mut node = Node {
-        port: free_port(),
-        dir: root.path().join("sim0"),
-        child: None,
-        queue_prefix,
-    };
+    let mut node = common::daemon::ClusterNode::new(
+        "sim-0",
+        root.path().join("sim0"),
+        &queue_prefix,
+        PARTITIONS,
+    );
     node.start(&brokers);
     let c = client();
     let base = node.base();

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 /// A free loopback port (bound then released).
+pub mod daemon;
 pub mod tansu;
 
 pub fn free_port() -> u16 {
