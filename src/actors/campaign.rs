@@ -110,22 +110,21 @@ impl CampaignActor {
     async fn commit(
         &self,
         st: &mut CampaignActorState,
-        events: Vec<Event>,
+        mut events: Vec<Event>,
         mut extra: Vec<OutRecord>,
         offset: u64,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = &st.args.ctx;
+        for e in &mut events {
+            e.command_offset = Some(offset);
+        }
         let mut records: Vec<OutRecord> = events
             .iter()
             .map(|e| {
-                let tagged = Event {
-                    command_offset: Some(offset),
-                    ..e.clone()
-                };
                 OutRecord::keyed(
                     &ctx.topics.events,
                     e.campaign_id.clone(),
-                    Some(serde_json::to_vec(&tagged).expect("serialisable")),
+                    Some(serde_json::to_vec(e).expect("serialisable")),
                 )
                 .to_partition(st.args.partition)
             })
