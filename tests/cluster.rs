@@ -10,6 +10,7 @@ mod common;
 
 use common::tansu::Tansu;
 use common::{client, eventually, now_ms};
+use futures::future;
 use rand::Rng;
 use serde_json::{json, Value};
 use smartmsg::config::Compression;
@@ -579,34 +580,54 @@ async fn one_node_trains_and_another_takes_over_when_it_dies() {
     let third = (0..nodes.len())
         .find(|i| *i != first && *i != second)
         .expect("three nodes");
-    let r: serde_json::Value = c
-        .post(format!("{}/v1/model/rollback", nodes[third].base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let from = r["from_version"].as_u64().expect("202 with from_version");
     let live = [second, third];
     let model_of = |i: usize| {
         let (c, base) = (c.clone(), bases[i].clone());
         async move { common::get_json(&c, &format!("{base}/v1/model")).await }
     };
-    eventually(
-        "every node serves the rollback",
-        Duration::from_secs(60),
-        || async {
-            for i in live {
-                let m = model_of(i).await?;
-                // A fit may have been published meanwhile: then the request was
-                // overtaken (stale) and this check times out, naming it.
-                (m["version"] == from + 1 && m["training_held"] == true).then_some(())?;
+    // The version every live node serves with training held, if they agree.
+    let held_everywhere = || async {
+        let mut version = None;
+        for i in live {
+            let m = model_of(i).await?;
+            if m["training_held"] != true || version.is_some_and(|v| m["version"] != v) {
+                return None;
             }
-            Some(())
-        },
-    )
-    .await;
+            version = Some(m["version"].clone());
+        }
+        version?.as_u64()
+    };
+    // A rollback names the version its node serves; a fit published before
+    // the trainer takes the request in overtakes it, and it is dropped as
+    // stale (by design). Ask again then, unless one did apply.
+    let mut held = None;
+    for attempt in 0..4 {
+        let any_held = future::join_all(live.map(model_of))
+            .await
+            .iter()
+            .any(|m| m.as_ref().is_some_and(|m| m["training_held"] == true));
+        if !any_held {
+            let r: serde_json::Value = c
+                .post(format!("{}/v1/model/rollback", nodes[third].base()))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["from_version"].as_u64().expect("202 with from_version");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while held.is_none() && std::time::Instant::now() < deadline {
+            held = held_everywhere().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if held.is_some() {
+            break;
+        }
+        eprintln!("rollback attempt {attempt} not served everywhere yet");
+    }
+    let from = held.expect("every node serves the rollback") - 1;
     // The trainer dies while training is held; the node that takes over
     // keeps holding it (the reactions keep coming) until a resume.
     nodes[second].kill9();
