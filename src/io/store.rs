@@ -260,6 +260,78 @@ fn sub_key(channel: &str, user: &str) -> Vec<u8> {
     k
 }
 
+/// The tag that opens a stored feature map in the binary form. JSON (the
+/// form written before it) opens with `{`, so both are told apart.
+const FEATURES_BINARY: u8 = 0xF1;
+
+/// A subscriber's features as stored: the tag, then for each feature its
+/// name's length (LEB128), the name and the value (f64, little endian).
+/// About two thirds of the JSON's size, and read without parsing numbers.
+fn encode_features(features: &BTreeMap<String, f64>) -> Vec<u8> {
+    let size: usize = features.keys().map(|n| n.len() + 10).sum();
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(FEATURES_BINARY);
+    for (name, x) in features {
+        let mut len = name.len();
+        while len >= 0x80 {
+            out.push((len as u8 & 0x7F) | 0x80);
+            len >>= 7;
+        }
+        out.push(len as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The stored feature map `v` (either form), each feature given to `each`
+/// with the byte range of its name in `v` (empty for JSON); false, and
+/// nothing given, if `v` is neither form.
+fn decode_features(v: &[u8], mut each: impl FnMut(&str, std::ops::Range<usize>, f64)) -> bool {
+    if v.first() != Some(&FEATURES_BINARY) {
+        let Ok(map) = serde_json::from_slice::<HashMap<std::borrow::Cow<'_, str>, f64>>(v) else {
+            return false;
+        };
+        for (name, x) in map {
+            each(&name, 0..0, x);
+        }
+        return true;
+    }
+    walk_binary(v, |_, _, _| {}) && walk_binary(v, each)
+}
+
+/// The features of a binary feature map, in order, until the first that
+/// does not read (false then).
+fn walk_binary(v: &[u8], mut each: impl FnMut(&str, std::ops::Range<usize>, f64)) -> bool {
+    let mut at = 1;
+    while at < v.len() {
+        let (mut len, mut shift) = (0usize, 0u32);
+        loop {
+            let Some(&b) = v.get(at) else { return false };
+            at += 1;
+            if shift > 28 {
+                return false;
+            }
+            len |= ((b & 0x7F) as usize) << shift;
+            shift += 7;
+            if b < 0x80 {
+                break;
+            }
+        }
+        let name = at..at + len;
+        let Some(value) = v.get(name.end..name.end + 8) else {
+            return false;
+        };
+        let Ok(text) = std::str::from_utf8(&v[name.clone()]) else {
+            return false;
+        };
+        let x = f64::from_le_bytes(value.try_into().expect("8 bytes"));
+        each(text, name.clone(), x);
+        at = name.end + 8;
+    }
+    true
+}
+
 impl SubscriberStore {
     pub fn open(db: &sled::Db) -> Result<Self, IoError> {
         Ok(SubscriberStore {
@@ -283,7 +355,7 @@ impl SubscriberStore {
         let mut batch = sled::Batch::default();
         for (channel, user, sub) in changes {
             match sub {
-                Some(s) => batch.insert(sub_key(channel, user), json(&s.features)),
+                Some(s) => batch.insert(sub_key(channel, user), encode_features(&s.features)),
                 None => batch.remove(sub_key(channel, user)),
             }
         }
@@ -332,21 +404,36 @@ impl SubscriberStore {
         let mut columns: HashMap<String, u32> = HashMap::new();
         let (mut cols, mut vals, mut ends): (Vec<u32>, Vec<f32>, Vec<usize>) =
             (Vec::new(), Vec::new(), Vec::new());
+        // Subscribers of a channel mostly have the same features in the
+        // same (name) order: the previous row's names, by position, are
+        // checked before the map.
+        let mut prev = sled::IVec::default();
+        let (mut prev_names, mut names_now): (Vec<(std::ops::Range<usize>, u32)>, Vec<_>) =
+            (Vec::new(), Vec::new());
         for item in self.tree.scan_prefix(&prefix) {
             let (k, v) = item?;
-            ids.push(String::from_utf8_lossy(&k[prefix.len()..]).to_string());
-            let features: HashMap<std::borrow::Cow<'_, str>, f64> =
-                serde_json::from_slice(&v).unwrap_or_default();
-            for (name, x) in features {
-                let next = columns.len() as u32;
-                let c = match columns.get(name.as_ref()) {
-                    Some(c) => *c,
-                    None => *columns.entry(name.into_owned()).or_insert(next),
+            ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+            names_now.clear();
+            // A value that does not read counts as no features.
+            decode_features(&v, |name, range, x| {
+                let i = names_now.len();
+                let c = match prev_names.get(i) {
+                    Some((r, c)) if !range.is_empty() && prev[r.clone()] == v[range.clone()] => *c,
+                    _ => {
+                        let next = columns.len() as u32;
+                        match columns.get(name) {
+                            Some(c) => *c,
+                            None => *columns.entry(name.to_string()).or_insert(next),
+                        }
+                    }
                 };
+                names_now.push((range, c));
                 cols.push(c);
                 vals.push(x as f32);
-            }
+            });
             ends.push(cols.len());
+            std::mem::swap(&mut prev_names, &mut names_now);
+            prev = v;
         }
         // Columns in name order.
         let mut names: Vec<(String, u32)> = columns.into_iter().collect();
@@ -379,7 +466,14 @@ impl SubscriberStore {
     ) -> Result<Option<BTreeMap<String, f64>>, IoError> {
         match self.tree.get(sub_key(channel, user))? {
             None => Ok(None),
-            Some(v) => Ok(Some(serde_json::from_slice(&v).unwrap_or_default())),
+            Some(v) => {
+                // A value that does not read counts as no features.
+                let mut features = BTreeMap::new();
+                decode_features(&v, |name, _, x| {
+                    features.insert(name.to_string(), x);
+                });
+                Ok(Some(features))
+            }
         }
     }
 
@@ -646,6 +740,90 @@ mod tests {
         assert!(s.generation("c") > g1);
         assert_eq!(s.generation("other"), other1, "another channel's change");
         assert_eq!(s.population("c").unwrap().ids, vec!["u2", "u3"]);
+    }
+
+    #[test]
+    fn feature_maps_round_trip_the_binary_form_and_bad_bytes_are_refused() {
+        let long = "n".repeat(300); // a two-byte length
+        let f: BTreeMap<String, f64> = [("a", 1.5), ("é", -0.0), (long.as_str(), 1e300)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        let bytes = encode_features(&f);
+        assert_eq!(bytes[0], FEATURES_BINARY);
+        let mut back = BTreeMap::new();
+        assert!(decode_features(&bytes, |n, r, x| {
+            assert_eq!(&bytes[r], n.as_bytes());
+            back.insert(n.to_string(), x);
+        }));
+        assert_eq!(back, f);
+        assert!(decode_features(&[FEATURES_BINARY], |_, _, _| panic!(
+            "no feature"
+        )));
+        // Cut anywhere: whole only where a feature ends.
+        let ends: Vec<usize> = (1..f.len())
+            .map(|k| encode_features(&f.clone().into_iter().take(k).collect()).len())
+            .collect();
+        for cut in 2..bytes.len() {
+            let whole = decode_features(&bytes[..cut], |_, _, _| {});
+            assert_eq!(whole, ends.contains(&cut), "a cut at {cut}");
+        }
+        // A name that is not UTF-8, a length that never ends.
+        assert!(!decode_features(
+            &[FEATURES_BINARY, 1, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0],
+            |_, _, _| {}
+        ));
+        assert!(!decode_features(
+            &[FEATURES_BINARY, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF],
+            |_, _, _| {}
+        ));
+        assert!(!decode_features(b"[1]", |_, _, _| {}));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(200))]
+        /// Whatever features the subscribers have, in whichever stored form
+        /// (JSON as written before the binary form, binary, or unreadable),
+        /// the channel's table is the one built from the maps themselves.
+        #[test]
+        fn a_population_is_its_subscribers_whatever_their_stored_form(
+            rows in proptest::collection::btree_map(
+                "[a-z]{1,3}",
+                (
+                    proptest::collection::btree_map("[a-e]{1,2}", -1e6f64..1e6, 0..6),
+                    0u8..3,
+                ),
+                0..40,
+            )
+        ) {
+            let db = sled::Config::new().temporary(true).open().unwrap();
+            let s = SubscriberStore::open(&db).unwrap();
+            let mut expected = Vec::new();
+            for (user, (features, form)) in &rows {
+                let value = match form {
+                    0 => encode_features(features),
+                    1 => serde_json::to_vec(features).unwrap(),
+                    // Whole features, then one cut short.
+                    _ => [encode_features(features), b"\x05ab".to_vec()].concat(),
+                };
+                let kept: BTreeMap<String, f64> = match form {
+                    0 => features.clone(),
+                    // What serde_json reads back (its float parsing is not
+                    // always exact to the last bit).
+                    1 => serde_json::from_slice(&value).unwrap(),
+                    _ => BTreeMap::new(),
+                };
+                s.tree.insert(sub_key("c", user), value).unwrap();
+                expected.push((user.clone(), kept.clone()));
+                proptest::prop_assert_eq!(s.features("c", user).unwrap(), Some(kept));
+            }
+            s.tree.insert(sub_key("other", "zz"), encode_features(&[("q".to_string(), 1.0)].into())).unwrap();
+            let want = Population::from_rows(expected);
+            let got = s.population("c").unwrap();
+            proptest::prop_assert_eq!(got.ids, want.ids);
+            proptest::prop_assert_eq!(got.names, want.names);
+            proptest::prop_assert_eq!(got.x, want.x);
+        }
     }
 
     #[test]
