@@ -18,7 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 type Key = (String, String, Action, WindowKind, i64);
 
 /// The obvious implementation: a counter per window, closed by the same
-/// rules (stream time - grace, or an idle close at a wall time).
+/// rules (stream time - grace, or an idle close at a wall time, which
+/// closes no further than the open windows reach).
 struct Reference {
     grace: i64,
     stream: i64,
@@ -52,6 +53,14 @@ impl Reference {
             let n = self.open.remove(&k).unwrap();
             self.out.push((k, n));
         }
+    }
+    /// An idle close at wall time `now`: the open windows past end +
+    /// grace, and no further than the last open window's end.
+    fn idle_close(&mut self, now: i64) {
+        let Some(last_end) = self.open.keys().map(|k| k.4 + k.3.size_ms()).max() else {
+            return;
+        };
+        self.close((now - self.grace).min(last_end));
     }
     fn ingest(&mut self, c: &str, a: &str, action: Action, ts: i64) -> bool {
         let end = ts.div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS;
@@ -123,7 +132,7 @@ proptest! {
                 }
                 Step::Idle(now) => {
                     e.idle_close(*now);
-                    r.close(now - grace);
+                    r.idle_close(*now);
                 }
             }
             let (_, finals) = e.take_changes();

@@ -745,9 +745,21 @@ impl WindowEngine {
     }
 
     /// The partition is idle (caught up, nothing fetched for the idle time):
-    /// close what the wall clock says is past end + grace.
+    /// close the windows holding counts that the wall clock says are past
+    /// end + grace, and no further than the last of them. A partition with
+    /// nothing open (a fresh one waiting for its first records, say) takes
+    /// old records as they come, by stream time; only a record of a window
+    /// already emitted is late.
     pub fn idle_close(&mut self, wall_now: i64) {
-        self.close_until(wall_now - self.cfg.grace_ms);
+        let Some((&last, _)) = self.minutes.last_key_value() else {
+            return;
+        };
+        let span = if self.cfg.hopping {
+            WindowKind::Hopping5m1m.size_ms()
+        } else {
+            MINUTE_MS
+        };
+        self.close_until((wall_now - self.cfg.grace_ms).min(last + span));
     }
 
     /// Final windows closed since the last `take_changes`.
@@ -921,6 +933,31 @@ mod tests {
         assert_eq!(e.series(), 0, "series without buckets are forgotten");
         e.ingest(&r(10 * MINUTE_MS, Action::Send)).unwrap();
         assert_eq!(e.series(), 1, "a freed series id is reused");
+    }
+
+    #[test]
+    fn an_idle_close_goes_no_further_than_the_open_windows() {
+        let mut e = WindowEngine::new(
+            WindowConfig {
+                grace_ms: 1_000,
+                hopping: false,
+            },
+            0,
+        );
+        // A fresh partition, idle long past its records' time: nothing is
+        // open, so nothing becomes late.
+        e.idle_close(100 * MINUTE_MS);
+        e.ingest(&r(10, Action::Send)).unwrap();
+        e.ingest(&r(3 * MINUTE_MS + 10, Action::Send)).unwrap();
+        // Idle again: both minutes close, and no further.
+        e.idle_close(100 * MINUTE_MS);
+        assert_eq!(e.take_changes().1.len(), 2);
+        assert_eq!(e.meta().closed_until, 4 * MINUTE_MS);
+        let late = e.ingest(&r(3 * MINUTE_MS + 20, Action::Send)).unwrap_err();
+        assert!(late.starts_with("late"), "{late}");
+        let late = e.ingest(&r(MINUTE_MS, Action::Send)).unwrap_err();
+        assert!(late.starts_with("late"), "{late}");
+        e.ingest(&r(4 * MINUTE_MS, Action::Send)).unwrap();
     }
 
     #[test]
