@@ -240,6 +240,36 @@ fn bench_aggregate_prints_its_verified_json() {
     assert!(last["peak_rss_bytes"].as_u64().unwrap() > 0);
 }
 
+/// The latency bench feeds a real aggregator at a steady rate and reads,
+/// for every record, when the group's committed offset passed it.
+#[test]
+fn bench_aggregate_latency_times_every_record_to_its_commit() {
+    let last = bench_json(&[
+        "aggregate-latency",
+        "--events",
+        "20000",
+        "--rate",
+        "10000",
+        "--partitions",
+        "2",
+        "--commit-interval-ms",
+        "100",
+    ]);
+    assert_eq!(last["verified"], true, "{last}");
+    assert_eq!(last["events"], 20000, "{last}");
+    assert_eq!(last["commit_interval_ms"], 100, "{last}");
+    let lat = &last["latency_ms"];
+    let (p50, p99, max) = (
+        lat["p50"].as_f64().unwrap(),
+        lat["p99"].as_f64().unwrap(),
+        lat["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 <= p50 && p50 <= p99 && p99 <= max, "{last}");
+    // The input took ~2 s: it was committed in many transactions, not one
+    // at the end.
+    assert!(last["transactions"].as_f64().unwrap() >= 4.0, "{last}");
+}
+
 /// The rebuild bench writes a changelog of many small transactions the
 /// aggregator's way and checks that a process without local state rebuilds
 /// exactly that state (parts, window progress, input offset).

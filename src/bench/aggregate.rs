@@ -68,7 +68,12 @@ pub struct AggregateArgs {
 pub(super) struct Deliveries {
     ends: Mutex<HashMap<i32, i64>>,
     failed: std::sync::atomic::AtomicU64,
+    /// When kept: (partition, offset, when acknowledged) of every record.
+    acks: Option<Mutex<Vec<Ack>>>,
 }
+
+/// A delivered record: (partition, offset, when the broker acknowledged it).
+pub(super) type Ack = (i32, i64, Instant);
 
 impl Deliveries {
     /// Records that failed to be delivered.
@@ -91,6 +96,12 @@ impl ProducerContext for Deliveries {
     fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
         match r {
             Ok(m) => {
+                if let Some(acks) = &self.acks {
+                    let at = Instant::now();
+                    acks.lock()
+                        .expect("acks")
+                        .push((m.partition(), m.offset(), at));
+                }
                 let mut e = self.ends.lock().expect("ends");
                 let v = e.entry(m.partition()).or_insert(-1);
                 *v = (*v).max(m.offset());
@@ -141,7 +152,23 @@ pub fn produce_paced(
     partitions: u32,
     pace: Option<(f64, &std::sync::atomic::AtomicU64)>,
 ) -> anyhow::Result<(Vec<u64>, Expected, f64)> {
-    let ctx = Deliveries::default();
+    produce_timed(brokers, topic, spec, partitions, pace, false).map(|(e, x, s, _)| (e, x, s))
+}
+
+/// Like `produce_paced`; with `timed`, also when each record was
+/// acknowledged.
+pub(super) fn produce_timed(
+    brokers: &str,
+    topic: &str,
+    spec: &SynthSpec,
+    partitions: u32,
+    pace: Option<(f64, &std::sync::atomic::AtomicU64)>,
+    timed: bool,
+) -> anyhow::Result<(Vec<u64>, Expected, f64, Vec<Ack>)> {
+    let ctx = Deliveries {
+        acks: timed.then(|| Mutex::new(Vec::with_capacity(spec.events as usize))),
+        ..Default::default()
+    };
     let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -154,11 +181,15 @@ pub fn produce_paced(
         .create_with_context(ctx)?;
     let started = Instant::now();
     let mut n = 0u64;
+    // Paced in steps of ~10 ms of input (a pause between steps must stay
+    // well below the aggregators' idle close, or they would close windows
+    // that later records still fall in).
+    let step = pace.map(|(per_s, _)| ((per_s / 100.0) as u64).max(1));
     let exp = generate(spec, |key, value| {
-        if let Some((per_s, sent)) = pace {
+        if let (Some((per_s, sent)), Some(step)) = (pace, step) {
             n += 1;
             sent.store(n, std::sync::atomic::Ordering::Relaxed);
-            if n.is_multiple_of(1000) {
+            if n.is_multiple_of(step) {
                 let due = started + Duration::from_secs_f64(n as f64 / per_s);
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
             }
@@ -177,7 +208,11 @@ pub fn produce_paced(
     if failed > 0 {
         bail!("{failed} records failed to produce");
     }
-    Ok((producer.context().ends(partitions), exp, secs))
+    let acks = match &producer.context().acks {
+        Some(a) => std::mem::take(&mut *a.lock().expect("acks")),
+        None => Vec::new(),
+    };
+    Ok((producer.context().ends(partitions), exp, secs, acks))
 }
 
 /// How the raw consumer is tuned.
@@ -464,7 +499,7 @@ pub fn verify(
 }
 
 /// Sum of the samples of `name` (any labels) in Prometheus text.
-fn metric_sum(text: &str, name: &str) -> f64 {
+pub(super) fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
@@ -504,7 +539,7 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
 }
 
 /// `/proc/<pid>` readings of a child.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(super) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -689,7 +724,30 @@ pub fn worker_config(
     node: &str,
     idle_close_ms: u64,
 ) -> anyhow::Result<PathBuf> {
+    worker_config_with(
+        dir,
+        brokers,
+        prefix,
+        partitions,
+        node,
+        &[("idle_close_ms", idle_close_ms)],
+    )
+}
+
+/// Like `worker_config`, with these `[aggregator]` settings.
+pub fn worker_config_with(
+    dir: &Path,
+    brokers: &str,
+    prefix: &str,
+    partitions: u32,
+    node: &str,
+    aggregator: &[(&str, u64)],
+) -> anyhow::Result<PathBuf> {
     let data = dir.join(format!("data-{node}"));
+    let aggregator: String = aggregator
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
     let text = format!(
         r#"[node]
 id = "{node}"
@@ -707,8 +765,7 @@ partitions = {partitions}
 group_id = "{prefix}group"
 session_timeout_ms = 6000
 [aggregator]
-idle_close_ms = {idle_close_ms}
-[log]
+{aggregator}[log]
 format = "json"
 level = "info"
 "#,

@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod ingest;
+pub mod latency;
 pub mod model;
 pub mod percolate;
 pub mod rebuild;
@@ -25,6 +26,9 @@ pub enum BenchCmd {
     /// Reaction windows on Kafka: end-to-end rate with exactly-once, CPU,
     /// peak RSS, restore; every window verified.
     Aggregate(aggregate::AggregateArgs),
+    /// Reaction windows on Kafka at a steady input rate: how long a
+    /// reaction waits until the transaction that counts it commits.
+    AggregateLatency(latency::AggregateLatencyArgs),
     /// The aggregator's per-event cost (parse, validate, count) without a
     /// broker.
     Ingest(ingest::IngestArgs),
@@ -76,6 +80,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::DelayQueue(a) => delay_queue(a).await,
         BenchCmd::Aggregate(a) => aggregate::run(a).await,
+        BenchCmd::AggregateLatency(a) => latency::run(a).await,
         BenchCmd::Ingest(a) => ingest::run(a),
         BenchCmd::Percolate(a) => percolate::run(a),
         BenchCmd::Model(a) => model::run(a),
