@@ -194,6 +194,7 @@ pub struct AggregatorConfig {
     pub max_batch_records: u64,
     pub max_batch_output: u64,
     pub commit_interval_ms: u64,
+    pub min_commit_gap_ms: u64,
     pub checkpoint_interval_ms: u64,
 }
 

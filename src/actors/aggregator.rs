@@ -73,6 +73,8 @@ pub struct AggregatorState {
     counted: u64,
     uncommitted: usize,
     first_uncommitted: Option<Instant>,
+    /// When the last transaction was submitted.
+    last_commit: Instant,
     last_fetch_ms: i64,
     /// Whether the end of the partition was reached since the last backlog
     /// (logged once per catch-up).
@@ -427,6 +429,7 @@ impl AggregatorState {
             counted: self.counted,
         });
         self.next_from = next;
+        self.last_commit = Instant::now();
         self.counted = 0;
         self.uncommitted = 0;
         self.first_uncommitted = None;
@@ -549,6 +552,7 @@ async fn start(
         saved: progress,
         unsaved: FxHashMap::default(),
         last_checkpoint: Instant::now(),
+        last_commit: Instant::now(),
         engine: restored.engine,
         store,
         reader,
@@ -608,7 +612,15 @@ impl Actor for WindowAggregatorActor {
         };
         let cfg = st.ctx.cfg.aggregator.clone();
         let max = cfg.max_batch_records as usize;
-        let wait = Duration::from_millis(cfg.idle_close_ms.min(100));
+        // Caught up, a partition commits at once, but not sooner than
+        // `min_commit_gap_ms` after its last commit: records waiting for
+        // that wait for more input no longer.
+        let gap = Duration::from_millis(cfg.min_commit_gap_ms);
+        let spaced_in = gap.saturating_sub(st.last_commit.elapsed());
+        let mut wait = Duration::from_millis(cfg.idle_close_ms.min(100));
+        if st.has_work() && !gap.is_zero() {
+            wait = wait.min(spaced_in);
+        }
         let fetched = st
             .fetch(
                 max.saturating_sub(st.uncommitted).clamp(1, FETCH_CHUNK),
@@ -653,8 +665,8 @@ impl Actor for WindowAggregatorActor {
         // is full by its input, by its output (what it holds in memory until
         // committed: at high key cardinality each event closes windows of
         // its own), or old enough.
-        let due = caught_up
-            || st.reader.at_end()
+        let spaced = st.last_commit.elapsed() >= gap;
+        let due = ((caught_up || st.reader.at_end()) && spaced)
             || st.uncommitted >= max
             || st.engine.pending_finals() + st.dlq.len() >= cfg.max_batch_output as usize
             || st
