@@ -281,3 +281,64 @@ async fn a_transaction_is_cut_by_its_output_not_only_its_input() {
     );
     assert!(per_txn.len() >= finals.len() / (BOUND + CHUNK_FINALS));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_partition_spaces_its_commits() {
+    // A trickle of records, each read as soon as it is published: with no
+    // gap each would be a transaction of its own.
+    const GAP_MS: u64 = 400;
+    const RECORDS: usize = 40;
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = aggregator_config("commit-gap", data.path());
+    cfg.aggregator.commit_interval_ms = 3_600_000;
+    cfg.aggregator.min_commit_gap_ms = GAP_MS;
+    let node = Node::start(cfg, Arc::new(ManualClock::new(0)), false)
+        .await
+        .unwrap();
+    let topic = node.ctx.topics.reactions.clone();
+    let started = Instant::now();
+    for i in 0..RECORDS {
+        let value = json!({
+            "event_id": format!("e{i}"),
+            "campaign_id": "c",
+            "creative_id": "a",
+            "user_id": "u",
+            "action": "send",
+            "ts": i as i64 * 1_000,
+        });
+        let rec = OutRecord {
+            topic: topic.clone(),
+            partition: Some(0),
+            key: Some(b"u".to_vec()),
+            value: Some(value.to_string().into_bytes()),
+        };
+        node.ctx.log.publish(vec![rec]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_processed(&node, &[RECORDS as u64, 0]).await;
+    wait_settled(&node).await;
+    let elapsed = started.elapsed();
+    let mut markers = 0u128;
+    let mut reader = node
+        .ctx
+        .log
+        .reader(&node.ctx.topics.aggregator_changelog, 0, 0);
+    loop {
+        let batch = reader.next_batch(10_000, Duration::ZERO).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        markers += batch
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(META_KEY))
+            .count() as u128;
+    }
+    node.shutdown().await;
+    // One transaction per gap at most (and the first at once).
+    let bound = elapsed.as_millis() / GAP_MS as u128 + 2;
+    assert!(markers >= 1);
+    assert!(
+        markers <= bound,
+        "{markers} transactions in {elapsed:?} with a {GAP_MS} ms gap"
+    );
+}
