@@ -87,6 +87,27 @@ async fn wait_settled(node: &Node) {
     }
 }
 
+/// The transaction markers on a partition of the aggregator changelog:
+/// one per committed transaction, in order.
+async fn changelog_markers(node: &Node, partition: u32) -> Vec<TxnMarker> {
+    let mut out = Vec::new();
+    let mut reader = node
+        .ctx
+        .log
+        .reader(&node.ctx.topics.aggregator_changelog, partition, 0);
+    loop {
+        let batch = reader.next_batch(10_000, Duration::ZERO).await.unwrap();
+        if batch.is_empty() {
+            return out;
+        }
+        for rec in batch {
+            if rec.key.as_deref() == Some(META_KEY) {
+                out.push(serde_json::from_slice(rec.value.as_deref().unwrap()).unwrap());
+            }
+        }
+    }
+}
+
 /// An aggregator-only node on the embedded backend in `data`.
 fn aggregator_config(name: &str, data: &Path) -> Config {
     let mut cfg = Config::defaults();
@@ -241,23 +262,11 @@ async fn a_transaction_is_cut_by_its_output_not_only_its_input() {
     wait_processed(&node, &[n, 0]).await;
     wait_settled(&node).await;
 
-    let mut closed_until = Vec::new();
-    let mut reader = node
-        .ctx
-        .log
-        .reader(&node.ctx.topics.aggregator_changelog, 0, 0);
-    loop {
-        let batch = reader.next_batch(10_000, Duration::ZERO).await.unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        for rec in batch {
-            if rec.key.as_deref() == Some(META_KEY) {
-                let m: TxnMarker = serde_json::from_slice(rec.value.as_deref().unwrap()).unwrap();
-                closed_until.push(m.closed_until);
-            }
-        }
-    }
+    let closed_until: Vec<i64> = changelog_markers(&node, 0)
+        .await
+        .iter()
+        .map(|m| m.closed_until)
+        .collect();
     let finals = read_topic(&node, &node.ctx.topics.aggregates).await;
     node.shutdown().await;
     // Stream time reaches 19:00.399, so windows ending by 18:50 are final:
@@ -318,21 +327,7 @@ async fn a_caught_up_partition_spaces_its_commits() {
     wait_processed(&node, &[RECORDS as u64, 0]).await;
     wait_settled(&node).await;
     let elapsed = started.elapsed();
-    let mut markers = 0u128;
-    let mut reader = node
-        .ctx
-        .log
-        .reader(&node.ctx.topics.aggregator_changelog, 0, 0);
-    loop {
-        let batch = reader.next_batch(10_000, Duration::ZERO).await.unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        markers += batch
-            .iter()
-            .filter(|r| r.key.as_deref() == Some(META_KEY))
-            .count() as u128;
-    }
+    let markers = changelog_markers(&node, 0).await.len() as u128;
     node.shutdown().await;
     // One transaction per gap at most (and the first at once).
     let bound = elapsed.as_millis() / GAP_MS as u128 + 2;

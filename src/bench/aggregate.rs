@@ -716,6 +716,37 @@ impl Drop for Worker {
 
 /// Config file of an aggregator-only node (`idle_close_ms`: when its idle
 /// partitions close their windows by the wall clock).
+/// A bench worker's config, and its topics created on the broker.
+pub(super) async fn bench_topics(cfg_path: &Path) -> anyhow::Result<(Config, Topics, KafkaLog)> {
+    let cfg = Config::load(Some(cfg_path)).map_err(|e| anyhow!("{e}"))?;
+    let topics = Topics::new(&cfg);
+    let log = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;
+    for spec in topics.specs() {
+        log.ensure_topic(&spec).await?;
+    }
+    Ok((cfg, topics, log))
+}
+
+/// `verify` every 1.5 s until it passes or 60 s went by (the last windows
+/// close once the partitions are idle): the last verdict.
+pub(super) async fn await_verified(
+    brokers: &str,
+    topics: &Topics,
+    partitions: u32,
+    exp: &Expected,
+) -> anyhow::Result<Verdict> {
+    let mut verdict = Verdict::default();
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        verdict = tokio::task::block_in_place(|| verify(brokers, topics, partitions, exp))?;
+        if verdict.ok {
+            break;
+        }
+    }
+    Ok(verdict)
+}
+
 pub fn worker_config(
     dir: &Path,
     brokers: &str,
@@ -797,12 +828,7 @@ async fn measure_pass(a: &AggregateArgs, dir: &Path, n: u32) -> anyhow::Result<P
     let prefix = format!("bench{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let node = format!("bench-agg-{n}");
     let cfg_path = worker_config(dir, &a.brokers, &prefix, a.partitions, &node, 1000)?;
-    let cfg = Config::load(Some(&cfg_path)).map_err(|e| anyhow!("{e}"))?;
-    let topics = Topics::new(&cfg);
-    let log = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;
-    for spec in topics.specs() {
-        log.ensure_topic(&spec).await?;
-    }
+    let (cfg, topics, _log) = bench_topics(&cfg_path).await?;
     let mut spec = SynthSpec::new(a.events);
     spec.campaigns = a.campaigns;
     spec.span_ms = a.minutes * 60_000;
@@ -922,18 +948,7 @@ async fn measure_pass(a: &AggregateArgs, dir: &Path, n: u32) -> anyhow::Result<P
         "input_wait_s": during("smartmsg_partition_input_wait_seconds_sum"),
     });
     eprintln!("waits: {waits}");
-    // The last windows close when the partitions are idle.
-    let mut verdict = Verdict::default();
-    let until = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (b, t) = (a.brokers.clone(), topics.clone());
-        let exp_ref = &exp;
-        verdict = tokio::task::block_in_place(|| verify(&b, &t, parts, exp_ref))?;
-        if verdict.ok {
-            break;
-        }
-    }
+    let verdict = await_verified(&a.brokers, &topics, parts, &exp).await?;
     let peak_rss = peak_rss_bytes(pid);
     eprintln!("verification: {verdict:?}");
     let changelog = {

@@ -14,15 +14,11 @@
 //! Every window is verified afterwards, as in `bench aggregate`.
 
 use super::aggregate::{
-    cpu_seconds, metric_sum, peak_rss_bytes, produce_timed, verify, worker_config_with, Ack,
-    OffsetsProbe, Verdict, Worker,
+    await_verified, bench_topics, cpu_seconds, metric_sum, peak_rss_bytes, produce_timed,
+    worker_config_with, Ack, OffsetsProbe, Worker,
 };
 use super::percentile;
 use super::synth::SynthSpec;
-use crate::config::Config;
-use crate::io::kafka::{KafkaLog, KafkaSettings};
-use crate::io::topics::Topics;
-use crate::io::EventLog;
 use anyhow::{anyhow, bail};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -110,12 +106,7 @@ pub async fn run(a: AggregateLatencyArgs) -> anyhow::Result<()> {
         "bench-latency",
         &settings,
     )?;
-    let cfg = Config::load(Some(&cfg_path)).map_err(|e| anyhow!("{e}"))?;
-    let topics = Topics::new(&cfg);
-    let log = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;
-    for spec in topics.specs() {
-        log.ensure_topic(&spec).await?;
-    }
+    let (cfg, topics, _log) = bench_topics(&cfg_path).await?;
     let parts = a.partitions;
     let worker = Worker::spawn(&std::env::current_exe()?, &cfg_path)?;
     let pid = worker.pid();
@@ -203,18 +194,7 @@ pub async fn run(a: AggregateLatencyArgs) -> anyhow::Result<()> {
     lat.sort_by(f64::total_cmp);
     let ms = |p: f64| (percentile(&lat, p) * 10.0).round() / 10.0;
 
-    // The last windows close when the partitions are idle.
-    let mut verdict = Verdict::default();
-    let until = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (b, t) = (a.brokers.clone(), topics.clone());
-        let exp_ref = &exp;
-        verdict = tokio::task::block_in_place(|| verify(&b, &t, parts, exp_ref))?;
-        if verdict.ok {
-            break;
-        }
-    }
+    let verdict = await_verified(&a.brokers, &topics, parts, &exp).await?;
     eprintln!("verification: {verdict:?}");
     let peak_rss = peak_rss_bytes(pid);
     worker.stop()?;

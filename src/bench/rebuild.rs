@@ -18,7 +18,9 @@
 //! offset. Last, it restarts with that state intact: it must resume
 //! without a rebuild (`restore_ms`).
 
-use super::aggregate::{peak_rss_bytes, send_waiting, worker_config, Deliveries, Worker};
+use super::aggregate::{
+    bench_topics, peak_rss_bytes, send_waiting, worker_config, Deliveries, Worker,
+};
 use super::synth::{generate, SynthSpec};
 use crate::actors::aggregator::changelog_records;
 use crate::clock::system_now_ms;
@@ -26,7 +28,6 @@ use crate::config::Config;
 use crate::domain::changelog::{Parts, TxnMarker};
 use crate::domain::reaction::parse_reaction_view;
 use crate::domain::window::{WindowConfig, WindowEngine, WindowMeta};
-use crate::io::kafka::{KafkaLog, KafkaSettings};
 use crate::io::store::{open_sled, AggStateStore};
 use crate::io::topics::Topics;
 use crate::io::{EventLog, OffsetCommit, OutRecord, PartitionEvent, Txn, TxnWriter};
@@ -324,12 +325,7 @@ pub async fn run(a: RebuildArgs) -> anyhow::Result<()> {
         "bench-rebuild",
         24 * 3_600_000,
     )?;
-    let cfg = Config::load(Some(&cfg_path)).map_err(|e| anyhow!("{e}"))?;
-    let topics = Topics::new(&cfg);
-    let log = KafkaLog::connect(KafkaSettings::from_config(&cfg)).await?;
-    for spec in topics.specs() {
-        log.ensure_topic(&spec).await?;
-    }
+    let (cfg, topics, log) = bench_topics(&cfg_path).await?;
     // Input offsets commit in a transaction as a group member's: the bench
     // joins the aggregators' group while it writes, and leaves before the
     // aggregator starts.
