@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{all_completed, client, eventually, free_port, now_ms, read_all, subscribers_ndjson};
+use common::{
+    all_completed, client, eventually, free_port, get_json, now_ms, read_all, subscribers_ndjson,
+};
 use serde_json::{json, Value};
 use smartmsg::domain::campaign::{Event, EventBody};
 use smartmsg::io::embedded_log::EmbeddedLog;
@@ -86,24 +88,14 @@ async fn sigkill_mid_run_loses_nothing_and_doubles_nothing() {
     wait_healthy(&base).await;
     all_completed(&c, &base, 5, Duration::from_secs(60)).await;
     for i in 0..5 {
-        let v: Value = c
-            .get(format!("{base}/v1/campaigns/k{i}"))
-            .send()
+        let v = get_json(&c, &format!("{base}/v1/campaigns/k{i}"))
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .expect("the campaign's JSON");
         assert_eq!(v["messages_sent"], 60, "{v}");
         assert_eq!(v["batches_done"], 6, "{v}");
-        let cmd: Value = c
-            .get(format!("{base}/v1/commands/create-k{i}"))
-            .send()
+        let cmd = get_json(&c, &format!("{base}/v1/commands/create-k{i}"))
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .expect("the command's JSON");
         assert_eq!(cmd["status"], "applied");
     }
     let status = terminate(&mut child);
